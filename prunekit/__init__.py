@@ -1,0 +1,1 @@
+"""prunekit: learn which structures of a CNN can go, cut them out, retrain what is left."""

@@ -1,0 +1,139 @@
+"""Structure gates: a learnable or computed factor multiplying a channel's or a residual branch's output.
+
+Kinds: `scale` (SSS factor λ), `binary` (0/1 forward, straight-through gradient), `epsilon`
+(ε-ResNet strict identity on a whole branch) and `bn` (the BatchNorm γ itself is the factor, so no
+module is added). A model built without gates gets `nn.Identity` in every gate slot, which has no
+parameters and leaves outputs untouched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+GATE_KINDS = ("scale", "binary", "epsilon", "bn")
+EPSILON_SLOPE = 1e6  # the L of ε-ResNet's sparsity-promoting function
+
+
+def _broadcast(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return factor.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+class ScaleGate(nn.Module):
+    """SSS scaling factor λ per structure (initialised to 1; trained by APG, no weight decay)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x):
+        return x * _broadcast(self.weight, x)
+
+    def factor(self) -> torch.Tensor:
+        """The multiplier this gate applies now (what compression folds into the weights)."""
+        return self.weight.detach()
+
+
+class BinaryGate(nn.Module):
+    """Float gate kept for learning, binarised to 0/1 in the forward pass; the gradient passes straight
+    through to the float value (as in quantisation-aware training)."""
+
+    def __init__(self, size: int, threshold: float = 0.5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.threshold = threshold
+
+    def forward(self, x):
+        binary = (self.weight >= self.threshold).to(x.dtype)
+        straight_through = binary + self.weight - self.weight.detach()
+        return x * _broadcast(straight_through, x)
+
+    def factor(self) -> torch.Tensor:
+        return (self.weight.detach() >= self.threshold).to(self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"size={self.weight.numel()}, threshold={self.threshold}"
+
+
+def strict_identity_factor(branch: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """ε-ResNet's sparsity-promoting function, built from ReLUs only (Yu et al. 2018, eq. 3-4).
+
+    s = max over the whole batch tensor of relu(l − ε) + relu(−l − ε); w = relu(1 − L·relu(1 − L·s)).
+    w is 0 exactly when every |element| ≤ ε, else 1 (for s ≥ 1/L).
+    """
+    s = (F.relu(branch - epsilon) + F.relu(-branch - epsilon)).amax()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(s, op=dist.ReduceOp.MAX)
+    return F.relu(F.relu(s * -EPSILON_SLOPE + 1) * -EPSILON_SLOPE + 1)
+
+
+class EpsilonGate(nn.Module):
+    """Zeroes a residual branch whose whole output is within ±ε; no gradient flows through the factor,
+    so weight decay alone drives a discarded branch to zero. Tracks is_discarded and its moving average."""
+
+    def __init__(self, epsilon: float = 2.5, ema_decay: float = 0.99):
+        super().__init__()
+        self.epsilon = epsilon
+        self.ema_decay = ema_decay
+        self.register_buffer("is_discarded", torch.zeros(()))
+        self.register_buffer("discarded_average", torch.zeros(()))
+
+    def forward(self, x):
+        with torch.no_grad():
+            w = strict_identity_factor(x.detach().float(), self.epsilon)
+            if self.training:
+                self.is_discarded.copy_((w == 0).float())
+                self.discarded_average.mul_(self.ema_decay).add_((1 - self.ema_decay) * self.is_discarded)
+        return x * w.to(x.dtype)
+
+    def factor(self) -> torch.Tensor:
+        return 1.0 - self.is_discarded
+
+    def extra_repr(self) -> str:
+        return f"epsilon={self.epsilon}"
+
+
+@dataclass
+class GateConfig:
+    """Which structures carry a gate, and of which kind. `kind=None` builds the plain model."""
+
+    kind: str | None = None
+    channels: bool = False
+    blocks: bool = False
+    epsilon: float = 2.5
+    threshold: float = 0.5
+
+    def __post_init__(self):
+        if self.kind is not None and self.kind not in GATE_KINDS:
+            raise ValueError(f"gate kind must be one of {GATE_KINDS}, got {self.kind!r}")
+
+    def channel_gate(self, channels: int) -> nn.Module:
+        if self.channels and self.kind == "scale":
+            return ScaleGate(channels)
+        if self.channels and self.kind == "binary":
+            return BinaryGate(channels, self.threshold)
+        return nn.Identity()
+
+    def block_gate(self) -> nn.Module:
+        if self.blocks and self.kind == "scale":
+            return ScaleGate(1)
+        if self.blocks and self.kind == "binary":
+            return BinaryGate(1, self.threshold)
+        if self.blocks and self.kind == "epsilon":
+            return EpsilonGate(self.epsilon)
+        return nn.Identity()
+
+
+GATE_TYPES = (ScaleGate, BinaryGate, EpsilonGate)
+
+
+def is_gate(module: nn.Module) -> bool:
+    return isinstance(module, GATE_TYPES)
+
+
+def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The learnable gate factors of a model (the parameters a proximal optimizer owns)."""
+    return [m.weight for m in model.modules() if isinstance(m, (ScaleGate, BinaryGate))]

@@ -1,0 +1,61 @@
+"""The model zoo: every model is `build(spec)`; `create(name)` looks the spec up by name."""
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from ..gates import GateConfig
+from ..spec import (ConvNetSpec, ResNetSpec, Spec, SpecError, cifar_resnet_spec, cnn4_spec,
+                    imagenet_resnet_spec, vgg_spec)
+from .convnet import ConvNet
+from .resnet import ChannelGroup, ResNet
+
+__all__ = ["build", "create", "zoo_spec", "ZOO", "ChannelGroup", "ResNet", "ConvNet"]
+
+ZOO = ("resnet20", "resnet32", "resnet56", "resnet110", "preresnet110", "preresnet164",
+       "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "vgg19", "cnn4")
+
+
+def zoo_spec(name: str, *, num_classes: int = 10, in_channels: int = 3, shortcut: str | None = None) -> Spec:
+    """The spec of a zoo network.
+
+    `resnetD` is a CIFAR ResNet (6n+2) or, for D in 18/34/50/101/152, torchvision's ImageNet ResNet;
+    `preresnetD` is a pre-activation CIFAR ResNet with option-A shortcuts (basic 6n+2; bottleneck
+    for 164, as He et al.); `imagenet-preresnetD` is the pre-activation ImageNet ResNet of ε-ResNet;
+    `vggD` a CIFAR VGG with BatchNorm; `cnn4` the 4-layer CNN of Ye et al.
+    """
+    kw = {"num_classes": num_classes, "in_channels": in_channels}
+    match = re.fullmatch(r"(imagenet-pre|pre)?resnet(\d+)|vgg(\d+)|cnn4", name)
+    if not match:
+        raise SpecError(f"unknown model {name!r}; known: {', '.join(ZOO)} (and other depths of each family)")
+    prefix, depth, vgg_depth = match.group(1), match.group(2), match.group(3)
+    if name == "cnn4":
+        return cnn4_spec(**kw)
+    if vgg_depth:
+        return vgg_spec(int(vgg_depth), **kw)
+    depth = int(depth)
+    if prefix == "imagenet-pre":
+        return imagenet_resnet_spec(depth, preact=True, **kw)
+    if prefix == "pre":
+        return cifar_resnet_spec(depth, preact=True, bottleneck=depth == 164, shortcut=shortcut or "pad", **kw)
+    if depth in (18, 34, 50, 101, 152):
+        return imagenet_resnet_spec(depth, **kw)
+    return cifar_resnet_spec(depth, shortcut=shortcut or "conv", **kw)
+
+
+def build(spec: Spec, gates: GateConfig | None = None, side_head: tuple[int, int] | None = None) -> nn.Module:
+    """The only way a model comes to be: a network exactly as its spec describes it."""
+    if isinstance(spec, ResNetSpec):
+        return ResNet(spec, gates, side_head)
+    if isinstance(spec, ConvNetSpec):
+        if side_head is not None:
+            raise SpecError("side_head: only ResNets have a side classifier")
+        return ConvNet(spec, gates)
+    raise SpecError(f"not a spec: {type(spec).__name__}")
+
+
+def create(name: str, *, num_classes: int = 10, in_channels: int = 3, gates: GateConfig | None = None,
+           shortcut: str | None = None, side_head: tuple[int, int] | None = None) -> nn.Module:
+    """Build a zoo network by name."""
+    return build(zoo_spec(name, num_classes=num_classes, in_channels=in_channels, shortcut=shortcut), gates, side_head)

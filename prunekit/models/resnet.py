@@ -1,0 +1,181 @@
+"""ResNets built from a `ResNetSpec`: CIFAR (post- and pre-activation, basic and bottleneck) and
+ImageNet ResNets whose parameter names match torchvision's, so its state_dicts load unchanged."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..gates import GateConfig
+from ..spec import BlockSpec, ResNetSpec
+
+
+@dataclass
+class ChannelGroup:
+    """Channels produced by `conv`, normalised by `bn`, scaled by `gate` and read by `consumer`.
+
+    These are the channels that can be pruned: slicing `conv` outputs, `bn` and `consumer` inputs
+    together keeps the network consistent.
+    """
+
+    name: str
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d
+    gate: nn.Module
+    consumer: nn.Module
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option-A shortcut: average-pool to the new resolution and zero-pad the new channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.extra, self.stride = out_channels - in_channels, stride
+
+    def forward(self, x):
+        if self.stride > 1:
+            x = F.avg_pool2d(x, self.stride, ceil_mode=True)
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra)) if self.extra else x
+
+
+def _conv(cin, cout, kernel, stride=1):
+    return nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, bias=False)
+
+
+class ResidualBlock(nn.Module):
+    """A basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1) block, post- or pre-activation.
+
+    Post-activation layers are named as torchvision's (conv1, bn1, ..., downsample.0/.1); inner
+    channel gates sit after the BN of each inner conv, the block gate on the branch output.
+    """
+
+    def __init__(self, in_channels: int, spec: BlockSpec, block: str, preact: bool, gates: GateConfig):
+        super().__init__()
+        self.preact, self.spec = preact, spec
+        widths = [in_channels, *spec.inner, spec.out]
+        kernels = [3, 3] if block == "basic" else [1, 3, 1]
+        self.num_convs = len(spec.inner) + 1 if spec.has_branch else 0
+        if preact and (spec.has_branch or spec.shortcut == "conv"):
+            self.bn1 = nn.BatchNorm2d(in_channels)
+        for i in range(self.num_convs):
+            stride = spec.stride if (kernels[i] == 3 and (block == "basic") == (i == 0)) else 1
+            setattr(self, f"conv{i + 1}", _conv(widths[i], widths[i + 1], kernels[i], stride))
+            bn_index = i + 2 if preact else i + 1
+            if not (preact and i == self.num_convs - 1):
+                setattr(self, f"bn{bn_index}", nn.BatchNorm2d(widths[i + 1]))
+            if i < self.num_convs - 1:
+                setattr(self, f"gate{i + 1}", gates.channel_gate(widths[i + 1]))
+        if spec.has_branch:
+            self.gate = gates.block_gate()
+        if spec.shortcut == "conv":
+            conv = nn.Conv2d(in_channels, spec.out, 1, spec.stride, bias=False)
+            self.downsample = nn.Sequential(conv) if preact else nn.Sequential(conv, nn.BatchNorm2d(spec.out))
+        elif spec.shortcut == "pad":
+            self.downsample = ZeroPadShortcut(in_channels, spec.out, spec.stride)
+
+    def branch(self, x, pre=None):
+        """The residual function F(x), ungated (pre-activated input `pre` for pre-activation)."""
+        out = pre if self.preact else x
+        for i in range(1, self.num_convs + 1):
+            out = getattr(self, f"conv{i}")(out)
+            if i < self.num_convs:
+                out = getattr(self, f"bn{i + 1 if self.preact else i}")(out)
+                out = F.relu(getattr(self, f"gate{i}")(out))
+            elif not self.preact:
+                out = getattr(self, f"bn{i}")(out)
+        return out
+
+    def forward(self, x):
+        pre = F.relu(self.bn1(x)) if hasattr(self, "bn1") and self.preact else None
+        if self.spec.shortcut == "identity":
+            shortcut = x
+        elif self.spec.shortcut == "conv" and self.preact:
+            shortcut = self.downsample(pre)
+        else:
+            shortcut = self.downsample(x)
+        out = shortcut if not self.spec.has_branch else self.gate(self.branch(x, pre)) + shortcut
+        return out if self.preact else F.relu(out)
+
+    def channel_groups(self, prefix: str) -> list[ChannelGroup]:
+        groups = []
+        for i in range(1, self.num_convs):
+            bn = getattr(self, f"bn{i + 1 if self.preact else i}")
+            groups.append(ChannelGroup(f"{prefix}.conv{i}", getattr(self, f"conv{i}"), bn,
+                                       getattr(self, f"gate{i}"), getattr(self, f"conv{i + 1}")))
+        return groups
+
+
+class ResNet(nn.Module):
+    """A ResNet built only from its spec; `side_head=(stage, block)` adds ε-ResNet's side classifier
+    (BN-ReLU, global pool, linear) after that block, whose logits land in `self.side_logits`."""
+
+    def __init__(self, spec: ResNetSpec, gates: GateConfig | None = None, side_head: tuple[int, int] | None = None):
+        super().__init__()
+        gates = gates or GateConfig()
+        self.spec = spec
+        if spec.imagenet_stem:
+            self.conv1 = nn.Conv2d(spec.in_channels, spec.stem, 7, 2, 3, bias=False)
+        else:
+            self.conv1 = _conv(spec.in_channels, spec.stem, 3)
+        if spec.imagenet_stem or not spec.preact:
+            self.bn1 = nn.BatchNorm2d(spec.stem)
+        if spec.imagenet_stem:
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        width, self.side_at, self.side_logits = spec.stem, side_head, None
+        for s, stage in enumerate(spec.stages):
+            blocks = []
+            for b, block in enumerate(stage):
+                blocks.append(ResidualBlock(width, block, spec.block, spec.preact, gates))
+                width = block.out
+                if side_head == (s, b):
+                    self.side_head = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                                   nn.Flatten(), nn.Linear(width, spec.num_classes))
+            setattr(self, f"layer{s + 1}", nn.Sequential(*blocks))
+        if side_head is not None and not hasattr(self, "side_head"):
+            raise ValueError(f"side_head {side_head}: no such block in the spec")
+        if spec.preact:
+            self.final_bn = nn.BatchNorm2d(width)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, spec.num_classes)
+        _init_weights(self)
+
+    @property
+    def stages(self) -> list[nn.Sequential]:
+        return [getattr(self, f"layer{s + 1}") for s in range(len(self.spec.stages))]
+
+    def forward(self, x):
+        x = self.conv1(x)
+        if hasattr(self, "bn1"):
+            x = F.relu(self.bn1(x))
+        if hasattr(self, "maxpool"):
+            x = self.maxpool(x)
+        for s, stage in enumerate(self.stages):
+            for b, block in enumerate(stage):
+                x = block(x)
+                if self.side_at == (s, b) and self.training:
+                    self.side_logits = self.side_head(x)
+        if self.spec.preact:
+            x = F.relu(self.final_bn(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    def residual_blocks(self):
+        """Yield (stage, block index, module) for every block."""
+        for s, stage in enumerate(self.stages):
+            for b, block in enumerate(stage):
+                yield s, b, block
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        """Every prunable channel group: the inner widths of the residual branches."""
+        return [g for s, b, block in self.residual_blocks() for g in block.channel_groups(f"layer{s + 1}.{b}")]
+
+
+def _init_weights(model: nn.Module) -> None:
+    """He-normal convs, unit BN, default linear: the standard ResNet initialisation."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

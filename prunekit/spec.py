@@ -1,0 +1,358 @@
+"""Architecture specs: every network is built from one of these small, JSON-serializable records.
+
+A pruned network is the same type with smaller widths and fewer blocks, so pruning is a function
+from (spec, weights) to (smaller spec, sliced weights).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+MAX_WIDTH = 65536
+MAX_LAYERS = 4096
+SHORTCUTS = ("identity", "conv", "pad")
+BLOCK_TYPES = ("basic", "bottleneck")
+POOLS = (None, "max2", "max3s2")
+
+
+class SpecError(ValueError):
+    """A spec that cannot describe a network; the message names the offending field."""
+
+
+@dataclass
+class BlockSpec:
+    """One residual block: branch widths (empty when only the shortcut is left) and output width."""
+
+    inner: list[int]
+    out: int
+    stride: int = 1
+    shortcut: str = "identity"
+
+    @property
+    def has_branch(self) -> bool:
+        return len(self.inner) > 0
+
+
+@dataclass
+class ResNetSpec:
+    """A ResNet: stem, then stages of basic or bottleneck blocks, then global pool and a linear head.
+
+    `imagenet_stem` selects the 7x7/2 conv + 3x3/2 max-pool stem; `preact` the pre-activation
+    blocks of He et al. (2016) with a final BN-ReLU before pooling.
+    """
+
+    block: str
+    stem: int
+    stages: list[list[BlockSpec]]
+    num_classes: int = 10
+    in_channels: int = 3
+    preact: bool = False
+    imagenet_stem: bool = False
+    family: str = "resnet"
+
+    def blocks(self):
+        """Yield (stage index, block index, block) for every block."""
+        for s, stage in enumerate(self.stages):
+            for b, block in enumerate(stage):
+                yield s, b, block
+
+
+@dataclass
+class ConvLayerSpec:
+    """One conv-BN-ReLU layer of a plain network, optionally followed by max-pooling."""
+
+    width: int
+    kernel: int = 3
+    padding: int | None = None
+    pool: str | None = None
+
+    @property
+    def pad(self) -> int:
+        return self.kernel // 2 if self.padding is None else self.padding
+
+
+@dataclass
+class ConvNetSpec:
+    """A plain conv network (VGG, cnn4): conv layers, global average pool, linear head."""
+
+    layers: list[ConvLayerSpec]
+    num_classes: int = 10
+    in_channels: int = 3
+    family: str = "convnet"
+
+
+Spec = ResNetSpec | ConvNetSpec
+
+
+def to_dict(spec: Spec) -> dict:
+    """The spec as plain JSON-ready data."""
+    return asdict(spec)
+
+
+def to_json(spec: Spec) -> str:
+    return json.dumps(to_dict(spec), indent=1)
+
+
+def save(spec: Spec, path: str | Path) -> None:
+    Path(path).write_text(to_json(spec))
+
+
+def load(path: str | Path) -> Spec:
+    """Read a spec file; any problem is a SpecError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpecError(f"{path}: not a readable JSON spec ({exc})") from None
+    try:
+        return from_dict(data)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
+
+
+def _expect(value, types, where: str):
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise SpecError(f"{where}: expected {_type_name(types)}, got a boolean")
+    if not isinstance(value, types):
+        raise SpecError(f"{where}: expected {_type_name(types)}, got {type(value).__name__}")
+    return value
+
+
+def _type_name(types) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join(t.__name__ for t in types)
+
+
+def _width(value, where: str, minimum: int = 1) -> int:
+    _expect(value, int, where)
+    if not minimum <= value <= MAX_WIDTH:
+        raise SpecError(f"{where}: width must be between {minimum} and {MAX_WIDTH}, got {value}")
+    return value
+
+
+def _keys(data: dict, allowed: set[str], where: str) -> None:
+    _expect(data, dict, where)
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise SpecError(f"{where}: unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _block_from_dict(data, where: str, block_type: str) -> BlockSpec:
+    _keys(data, {"inner", "out", "stride", "shortcut"}, where)
+    if "inner" not in data or "out" not in data:
+        raise SpecError(f"{where}: 'inner' and 'out' are required")
+    inner = _expect(data["inner"], list, f"{where}.inner")
+    depth = 1 if block_type == "basic" else 2
+    if len(inner) not in (0, depth):
+        raise SpecError(f"{where}.inner: a {block_type} block has {depth} inner widths (or 0), got {len(inner)}")
+    inner = [_width(w, f"{where}.inner[{i}]") for i, w in enumerate(inner)]
+    stride = _expect(data.get("stride", 1), int, f"{where}.stride")
+    if stride not in (1, 2):
+        raise SpecError(f"{where}.stride: must be 1 or 2, got {stride}")
+    shortcut = data.get("shortcut", "identity")
+    if shortcut not in SHORTCUTS:
+        raise SpecError(f"{where}.shortcut: must be one of {SHORTCUTS}, got {shortcut!r}")
+    return BlockSpec(inner, _width(data["out"], f"{where}.out"), stride, shortcut)
+
+
+def from_dict(data) -> Spec:
+    """Parse and validate a spec from JSON data; errors name the field (e.g. `stages[1][0].out`)."""
+    _expect(data, dict, "spec")
+    family = data.get("family")
+    common = {"num_classes", "in_channels", "family"}
+    if family == "resnet":
+        _keys(data, common | {"block", "stem", "stages", "preact", "imagenet_stem"}, "spec")
+        for key in ("block", "stem", "stages"):
+            if key not in data:
+                raise SpecError(f"spec.{key}: required for a resnet spec")
+        if data["block"] not in BLOCK_TYPES:
+            raise SpecError(f"spec.block: must be one of {BLOCK_TYPES}, got {data['block']!r}")
+        stages = _expect(data["stages"], list, "spec.stages")
+        if not 1 <= len(stages) <= 16:
+            raise SpecError(f"spec.stages: expected 1 to 16 stages, got {len(stages)}")
+        parsed = []
+        for s, stage in enumerate(stages):
+            _expect(stage, list, f"spec.stages[{s}]")
+            parsed.append([_block_from_dict(b, f"spec.stages[{s}][{i}]", data["block"]) for i, b in enumerate(stage)])
+        if sum(map(len, parsed)) > MAX_LAYERS:
+            raise SpecError(f"spec.stages: more than {MAX_LAYERS} blocks")
+        spec = ResNetSpec(
+            block=data["block"], stem=_width(data["stem"], "spec.stem"), stages=parsed,
+            num_classes=_width(data.get("num_classes", 10), "spec.num_classes"),
+            in_channels=_width(data.get("in_channels", 3), "spec.in_channels"),
+            preact=_expect(data.get("preact", False), bool, "spec.preact"),
+            imagenet_stem=_expect(data.get("imagenet_stem", False), bool, "spec.imagenet_stem"),
+        )
+    elif family == "convnet":
+        _keys(data, common | {"layers"}, "spec")
+        layers = _expect(data.get("layers"), list, "spec.layers")
+        if not 1 <= len(layers) <= MAX_LAYERS:
+            raise SpecError(f"spec.layers: expected 1 to {MAX_LAYERS} layers, got {len(layers)}")
+        parsed = []
+        for i, layer in enumerate(layers):
+            where = f"spec.layers[{i}]"
+            _keys(layer, {"width", "kernel", "padding", "pool"}, where)
+            kernel = _expect(layer.get("kernel", 3), int, f"{where}.kernel")
+            if not 1 <= kernel <= 15:
+                raise SpecError(f"{where}.kernel: must be between 1 and 15, got {kernel}")
+            padding = layer.get("padding")
+            if padding is not None and not (isinstance(padding, int) and not isinstance(padding, bool) and 0 <= padding <= kernel):
+                raise SpecError(f"{where}.padding: must be an integer between 0 and the kernel size, got {padding!r}")
+            if layer.get("pool") not in POOLS:
+                raise SpecError(f"{where}.pool: must be one of {POOLS}, got {layer.get('pool')!r}")
+            parsed.append(ConvLayerSpec(_width(layer.get("width"), f"{where}.width"), kernel, padding, layer.get("pool")))
+        spec = ConvNetSpec(parsed, _width(data.get("num_classes", 10), "spec.num_classes"),
+                           _width(data.get("in_channels", 3), "spec.in_channels"))
+    else:
+        raise SpecError(f"spec.family: must be 'resnet' or 'convnet', got {family!r}")
+    validate(spec)
+    return spec
+
+
+def validate(spec: Spec) -> None:
+    """Check that consecutive layers fit together (shortcut kinds, widths through identities)."""
+    if isinstance(spec, ConvNetSpec):
+        return
+    width = spec.stem
+    for s, b, block in spec.blocks():
+        where = f"spec.stages[{s}][{b}]"
+        if block.shortcut == "identity" and (block.stride != 1 or block.out != width):
+            raise SpecError(f"{where}.shortcut: an identity shortcut needs stride 1 and out == input width "
+                            f"({width}), got stride {block.stride}, out {block.out}")
+        if block.shortcut == "pad" and block.out < width:
+            raise SpecError(f"{where}.shortcut: a zero-padding shortcut cannot shrink {width} to {block.out} channels")
+        if not block.has_branch and block.shortcut == "identity":
+            raise SpecError(f"{where}.inner: a block without a branch and with an identity shortcut is a no-op; drop it")
+        width = block.out
+
+
+def feature_width(spec: Spec) -> int:
+    """Channels entering the classifier."""
+    if isinstance(spec, ConvNetSpec):
+        return spec.layers[-1].width
+    width = spec.stem
+    for _, _, block in spec.blocks():
+        width = block.out
+    return width
+
+
+# --- zoo specs ------------------------------------------------------------------------------
+
+
+def cifar_resnet_spec(depth: int, *, preact: bool = False, bottleneck: bool = False,
+                      shortcut: str = "conv", num_classes: int = 10, in_channels: int = 3) -> ResNetSpec:
+    """CIFAR ResNet of He et al.: 3 stages of 16/32/64 (x4 for bottleneck outputs), depth 6n+2 or 9n+2."""
+    per_block = 3 if bottleneck else 2
+    if depth < per_block * 3 + 2 or (depth - 2) % (3 * per_block):
+        raise SpecError(f"depth {depth}: a CIFAR {'bottleneck' if bottleneck else 'basic'} ResNet has depth "
+                        f"{3 * per_block}n+2")
+    n = (depth - 2) // (3 * per_block)
+    expansion = 4 if bottleneck else 1
+    stages, width = [], 16
+    for s, base in enumerate((16, 32, 64)):
+        out = base * expansion
+        blocks = []
+        for b in range(n):
+            stride = 2 if (s > 0 and b == 0) else 1
+            needs_projection = stride != 1 or width != out
+            inner = [base, base] if bottleneck else [base]
+            blocks.append(BlockSpec(inner, out, stride, shortcut if needs_projection else "identity"))
+            width = out
+        stages.append(blocks)
+    return ResNetSpec("bottleneck" if bottleneck else "basic", 16, stages, num_classes, in_channels, preact)
+
+
+IMAGENET_DEPTHS = {18: ("basic", [2, 2, 2, 2]), 34: ("basic", [3, 4, 6, 3]),
+                   50: ("bottleneck", [3, 4, 6, 3]), 101: ("bottleneck", [3, 4, 23, 3]),
+                   152: ("bottleneck", [3, 8, 36, 3])}
+
+
+def imagenet_resnet_spec(depth: int, *, preact: bool = False, num_classes: int = 1000,
+                         in_channels: int = 3) -> ResNetSpec:
+    """ImageNet ResNet with torchvision's layout (stride in the 3x3 conv, projection shortcuts)."""
+    if depth not in IMAGENET_DEPTHS:
+        raise SpecError(f"depth {depth}: ImageNet ResNets have depth {sorted(IMAGENET_DEPTHS)}")
+    block, counts = IMAGENET_DEPTHS[depth]
+    expansion = 4 if block == "bottleneck" else 1
+    stages, width = [], 64
+    for s, count in enumerate(counts):
+        base = 64 * 2 ** s
+        out = base * expansion
+        blocks = []
+        for b in range(count):
+            stride = 2 if (s > 0 and b == 0) else 1
+            shortcut = "conv" if (stride != 1 or width != out) else "identity"
+            blocks.append(BlockSpec([base] * (2 if block == "bottleneck" else 1), out, stride, shortcut))
+            width = out
+        stages.append(blocks)
+    return ResNetSpec(block, 64, stages, num_classes, in_channels, preact, imagenet_stem=True)
+
+
+VGG_LAYOUTS = {
+    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+}
+
+
+def vgg_spec(depth: int, *, num_classes: int = 10, in_channels: int = 3) -> ConvNetSpec:
+    """CIFAR VGG with BatchNorm (as in network slimming): 3x3 convs, 2x2 max-pools, one linear head."""
+    if depth not in VGG_LAYOUTS:
+        raise SpecError(f"depth {depth}: VGG depths are {sorted(VGG_LAYOUTS)}")
+    layers: list[ConvLayerSpec] = []
+    for item in VGG_LAYOUTS[depth]:
+        if item == "M":
+            layers[-1].pool = "max2"
+        else:
+            layers.append(ConvLayerSpec(item))
+    return ConvNetSpec(layers, num_classes, in_channels)
+
+
+def cnn4_spec(*, num_classes: int = 10, in_channels: int = 3) -> ConvNetSpec:
+    """The 4-layer CNN of Ye et al. (2018): 5x5/96, 5x5/192, 3x3/192 with 3x3/2 pools, then a 4x4 'fc' conv/384."""
+    return ConvNetSpec([ConvLayerSpec(96, 5, pool="max3s2"), ConvLayerSpec(192, 5, pool="max3s2"),
+                        ConvLayerSpec(192, 3, pool="max3s2"), ConvLayerSpec(384, 4, padding=0)],
+                       num_classes, in_channels)
+
+
+def apply_units(spec: ResNetSpec, units: list[tuple[int, bool]]) -> ResNetSpec:
+    """Prune whole blocks with the compact per-stage form `[(blocks_kept, first_block_kept), ...]`.
+
+    A stage whose first block (the one with the projection shortcut) is pruned keeps that shortcut
+    as a branch-less block, so shapes still hold; kept non-first blocks are taken in order.
+    """
+    if len(units) != len(spec.stages):
+        raise SpecError(f"units: {len(units)} entries for {len(spec.stages)} stages")
+    pruned = copy.deepcopy(spec)
+    for s, (unit, stage) in enumerate(zip(units, pruned.stages)):
+        if not (isinstance(unit, (list, tuple)) and len(unit) == 2 and isinstance(unit[0], int)
+                and not isinstance(unit[0], bool) and isinstance(unit[1], bool)):
+            raise SpecError(f"units[{s}]: expected (blocks_kept, first_block_kept), got {unit!r}")
+        kept, first_kept = unit
+        rest_kept = kept - 1 if first_kept else kept
+        if kept < 0 or kept > len(stage) or (first_kept and kept == 0) or rest_kept > len(stage) - 1:
+            raise SpecError(f"units[{s}]: cannot keep {kept} blocks (first kept: {first_kept}) of {len(stage)}")
+        first = stage[0]
+        if not first_kept:
+            first = BlockSpec([], first.out, first.stride, first.shortcut) if first.shortcut != "identity" else None
+        pruned.stages[s] = ([first] if first is not None else []) + stage[1:1 + rest_kept]
+    validate(pruned)
+    return pruned
+
+
+def count_layers(spec: Spec) -> int:
+    """Weighted layers as papers count them: convs on residual branches plus stem and classifier."""
+    if isinstance(spec, ConvNetSpec):
+        return len(spec.layers) + 1
+    return 2 + sum(len(block.inner) + (1 if block.has_branch else 0) for _, _, block in spec.blocks())
+
+
+def stage_table(spec: Spec) -> list[dict]:
+    """One row per stage (ResNet) or layer (plain net) with the blocks and widths kept."""
+    if isinstance(spec, ConvNetSpec):
+        return [{"layer": i, "width": layer.width} for i, layer in enumerate(spec.layers)]
+    return [{"stage": s, "blocks": sum(b.has_branch for b in stage),
+             "inner": [b.inner for b in stage if b.has_branch], "out": stage[-1].out if stage else None}
+            for s, stage in enumerate(spec.stages)]

@@ -1,0 +1,120 @@
+"""Atomic files and resumable checkpoints.
+
+A checkpoint is a directory `checkpoints/epoch-NNNN/` holding `model.safetensors` (weights) and
+`state.pt` (optimizers, LR policy, callbacks, RNG, history; loaded with `weights_only=True`). It is
+written under a temporary name and renamed into place, then `checkpoints/latest` is replaced
+atomically, so a kill at any moment leaves either the old or the new checkpoint, never a mix.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call `write(tmp_path)`, fsync, then rename over `path`: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write_json(path: str | Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=False) + "\n")
+
+
+def save_weights(state_dict: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """Weights as safetensors (contiguous CPU copies), written atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_weights(path: str | Path) -> dict:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: weights file not found") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
+
+
+def save_checkpoint(run_dir: str | Path, epoch: int, model_state: dict, state: dict, keep: int = 2) -> Path:
+    """Write checkpoint `epoch` (number of finished epochs) and point `latest` at it."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"epoch-{epoch:04d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".epoch-{epoch:04d}."))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        for f in tmp.iterdir():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / "latest", final.name + "\n")
+    old = sorted(p for p in root.glob("epoch-*") if p.is_dir() and p != final)
+    for p in old[:max(len(old) - (keep - 1), 0)]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer}: points at missing checkpoint {path.name}")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
+    """(model state_dict, training state) of a checkpoint directory, never unpickling objects."""
+    path = Path(path)
+    weights = load_weights(path / "model.safetensors")
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path / 'state.pt'}: training state not found") from None
+    except Exception as exc:  # torch raises several types for truncated or unsafe files
+        reason = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"{path / 'state.pt'}: not a loadable training state ({reason})") from None
+    return weights, state

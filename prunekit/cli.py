@@ -1,0 +1,165 @@
+"""`prunekit` command line: train, eval, info, compress, run."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from . import spec as specs
+from .config import Config, ConfigError, resolve
+
+OPTION_HELP = {
+    "model": "zoo name (resnet20, preresnet110, resnet50, vgg16, cnn4, ...) or a spec .json file",
+    "data": "fashion-mnist, mnist, cifar10, cifar100, svhn, digits or imagenet",
+    "method": "none, sss, binary-gate, ista-bn, slimming or epsilon-resnet",
+    "penalty": "the method's L1 strength (APG γ, ISTA ρ, slimming s)",
+}
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config field; unset flags leave the recipe's value alone."""
+    parser.add_argument("--recipe", help="YAML recipe; flags given here override its values")
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if kind.startswith("bool"):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif kind.startswith("list"):
+            parser.add_argument(flag, dest=f.name, type=float, nargs="*", default=None)
+        elif kind.startswith("dict"):
+            parser.add_argument(flag, dest=f.name, type=json.loads, default=None, help="JSON mapping")
+        else:
+            cast = int if kind.startswith("int") else float if kind.startswith("float") else str
+            parser.add_argument(flag, dest=f.name, type=cast, default=None, help=OPTION_HELP.get(f.name))
+
+
+def _config(args) -> Config:
+    overrides = {f.name: getattr(args, f.name) for f in fields(Config)}
+    return resolve(args.recipe, overrides)
+
+
+def cmd_train(args) -> int:
+    from .runner import train
+
+    result = train(_config(args), args.out, resume=args.resume, force=args.force)
+    last = result["history"][-1] if result["history"] else {}
+    print(f"trained {args.out}: test accuracy {last.get('test_acc', float('nan')):.4f}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .compress import load_any
+    from .config import make_config
+    from .distributed import DistContext, pick_device
+    from .engine import Trainer
+    from .runner import make_loaders
+    from .schedule import LRPolicy
+
+    model, _ = load_any(args.path)
+    config = make_config({"data": args.data, "data_dir": args.data_dir, "batch_size": args.batch_size})
+    ctx = DistContext(device=pick_device(args.device))
+    _, loaders = make_loaders(config, ctx)
+    trainer = Trainer(model, [], LRPolicy(0.0, 1), None, loaders, epochs=0, ctx=ctx)
+    result = trainer.evaluate(loaders["test"])
+    print(json.dumps({"path": str(args.path), "test_loss": result["loss"], "test_acc": result["acc"]}))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .measure import count_params, spec_cost
+    from .models import build, zoo_spec
+
+    spec = specs.load(args.model) if args.model.endswith(".json") else zoo_spec(
+        args.model, num_classes=args.num_classes, in_channels=args.in_channels)
+    cost = spec_cost(spec, (args.image_size, args.image_size))
+    assert count_params(build(spec)) == cost.params
+    print(json.dumps({"spec": specs.to_dict(spec)}) if args.json else specs.to_json(spec))
+    print(f"layers {specs.count_layers(spec)}  params {cost.params:,}  MACs {cost.macs:,} "
+          f"(input {spec.in_channels}x{args.image_size}x{args.image_size})")
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from .compress import compress_run
+
+    card = compress_run(args.path, args.out, method=args.method, prune_percent=args.prune_percent,
+                        tolerance=args.tolerance, data=args.data, data_dir=args.data_dir)
+    print(json.dumps(card, indent=1))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .pipeline import run_pipeline
+
+    run_pipeline(_config(args), args.out, resume=args.resume, force=args.force)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunekit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (dense or sparse) into a run directory")
+    _add_config_options(p)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--force", action="store_true", help="overwrite a different run in --out")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run directory, compressed export or checkpoint")
+    p.add_argument("path")
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--data-dir")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("info", help="spec, parameters and MACs of a zoo model or spec file")
+    p.add_argument("model")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--in-channels", type=int, default=3)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("compress", help="cut dead structures out of a trained run; export spec + weights")
+    p.add_argument("path", help="run directory (its final/ model) or a directory with spec.json, gates.json, model.safetensors")
+    p.add_argument("--out", help="export directory (default: RUN/compressed)")
+    p.add_argument("--method", help="selection rule (default: the run's method)")
+    p.add_argument("--prune-percent", type=float, help="slimming: global percentile of |γ| to remove")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="max |logit difference| allowed for exact methods")
+    p.add_argument("--data", help="evaluate before/after on this dataset (default: the run's)")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("run", help="the whole pipeline: sparse-train, compress, fine-tune, report")
+    _add_config_options(p)
+    p.add_argument("--out", default="runs/main", help="pipeline directory")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; known errors become one line on stderr and exit status 2."""
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .engine import TrainingError
+    from .runner import RunDirError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, specs.SpecError, DataError, CheckpointError, TrainingError, RunDirError) as exc:
+        print(f"prunekit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"prunekit {args.command}: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

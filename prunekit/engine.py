@@ -1,0 +1,251 @@
+"""The training loop, with narrow extension points so that methods never edit it.
+
+A `Callback` may add loss terms, act after `backward()` (e.g. an L1 subgradient) and after the
+optimizer steps (e.g. freezing dead structures), and report extra metrics each epoch. Several
+optimizers (one per parameter group, e.g. SGD for weights and APG for gates) share one LR policy.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import DistContext, all_reduce_sum
+from .schedule import LRPolicy
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names where and what is saved."""
+
+
+class Callback:
+    """Extension points of the loop; every method is optional."""
+
+    def setup(self, trainer: "Trainer") -> None:
+        """Called once before the first epoch (also on resume)."""
+
+    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
+        """Called before each epoch's first step (e.g. to follow an ε schedule)."""
+
+    def loss_terms(self, trainer: "Trainer", logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra loss terms, added to the cross-entropy (e.g. side supervision)."""
+        return {}
+
+    def after_backward(self, trainer: "Trainer") -> None:
+        """Gradients are final and unscaled; optimizers have not stepped yet."""
+
+    def after_step(self, trainer: "Trainer") -> None:
+        """All optimizers have stepped."""
+
+    def epoch_metrics(self, trainer: "Trainer", epoch: int) -> dict:
+        """Extra metrics logged for the epoch that just ended."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` saved."""
+
+
+def accuracy_counts(logits: torch.Tensor, targets: torch.Tensor) -> int:
+    return int((logits.argmax(1) == targets).sum())
+
+
+class Trainer:
+    """Trains `model` for `epochs`, evaluating and checkpointing after every epoch."""
+
+    def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], policy: LRPolicy,
+                 train_loader, eval_loaders: dict, *, epochs: int, run_dir: str | Path | None = None,
+                 callbacks=(), ctx: DistContext | None = None, amp: bool = False, channels_last: bool = False,
+                 label_smoothing: float = 0.0, on_nan: str = "stop", log=None):
+        self.ctx = ctx or DistContext()
+        self.model = model.to(self.ctx.device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward_model = self.model
+        if self.ctx.enabled:
+            ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+            self.forward_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizers, self.policy = optimizers, policy
+        self.train_loader, self.eval_loaders = train_loader, eval_loaders
+        self.epochs, self.callbacks = epochs, list(callbacks)
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.amp, self.channels_last = amp, channels_last
+        self.label_smoothing, self.on_nan = label_smoothing, on_nan
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp and self.ctx.device.type == "cuda")
+        self.history: list[dict] = []
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.skipped_steps = 0
+        self.log = log or (lambda msg: print(msg, flush=True))
+
+    # --- state -------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "optimizers": [o.state_dict() for o in self.optimizers],
+                "policy": self.policy.state_dict(), "callbacks": [c.state_dict() for c in self.callbacks],
+                "history": self.history, "scaler": self.scaler.state_dict(), "rng": torch.get_rng_state(),
+                "skipped_steps": self.skipped_steps}
+
+    def load_state(self, weights: dict, state: dict) -> None:
+        self.model.load_state_dict(weights)
+        for opt, s in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+        self.policy.load_state_dict(state["policy"])
+        for cb, s in zip(self.callbacks, state["callbacks"]):
+            cb.load_state_dict(s)
+        self.history = list(state["history"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        self.epoch, self.skipped_steps = state["epoch"], state.get("skipped_steps", 0)
+
+    def resume(self) -> bool:
+        """Continue from the run directory's latest checkpoint, if there is one."""
+        path = latest_checkpoint(self.run_dir) if self.run_dir else None
+        if path is None:
+            return False
+        self.load_state(*load_checkpoint(path))
+        self.log(f"resumed from {path} (epoch {self.epoch} of {self.epochs})")
+        return True
+
+    def checkpoint(self) -> None:
+        if self.run_dir is None or not self.ctx.is_main:
+            return
+        save_checkpoint(self.run_dir, self.epoch, self.model.state_dict(), self.state())
+        lines = "".join(_json_line(m) for m in self.history)
+        atomic_write_text(self.run_dir / "metrics.jsonl", lines)
+
+    # --- loop --------------------------------------------------------------------------------
+
+    def set_lr(self, epoch_float: float) -> float:
+        lr = self.policy.lr_at(epoch_float)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+        return lr
+
+    def _autocast(self):
+        dtype = torch.float16 if self.ctx.device.type == "cuda" else torch.bfloat16
+        return torch.autocast(self.ctx.device.type, dtype=dtype, enabled=self.amp)
+
+    def _prepare(self, x, y):
+        x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def train_epoch(self) -> dict:
+        self.model.train()
+        self.train_loader.set_epoch(self.epoch)
+        steps = len(self.train_loader)
+        loss_sum = correct = seen = 0.0
+        start = time.perf_counter()
+        batches = self.train_loader
+        if self.ctx.is_main and sys.stderr.isatty():
+            from tqdm import tqdm
+            batches = tqdm(batches, total=steps, desc=f"epoch {self.epoch + 1}/{self.epochs}", leave=False)
+        for self.step_in_epoch, (x, y) in enumerate(batches):
+            x, y = self._prepare(x, y)
+            lr = self.set_lr(self.epoch + self.step_in_epoch / steps)
+            with self._autocast():
+                logits = self.forward_model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+                for term in (t for cb in self.callbacks for t in cb.loss_terms(self, logits, y).values()):
+                    loss = loss + term
+            if not torch.isfinite(loss):
+                if self._non_finite(loss):
+                    continue
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            for opt in self.optimizers:
+                self.scaler.unscale_(opt)
+            for cb in self.callbacks:
+                cb.after_backward(self)
+            for opt in self.optimizers:
+                self.scaler.step(opt)
+            self.scaler.update()
+            for cb in self.callbacks:
+                cb.after_step(self)
+            n = y.numel()
+            loss_sum += float(loss.detach()) * n
+            correct += accuracy_counts(logits.detach(), y)
+            seen += n
+        loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], self.ctx)
+        elapsed = time.perf_counter() - start
+        return {"lr": lr, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                "train_images_per_s": seen / elapsed, "epoch_time_s": elapsed}
+
+    def _non_finite(self, loss) -> bool:
+        """Skip the step (returns True) or stop with a message naming the step and last checkpoint."""
+        where = f"epoch {self.epoch + 1}, step {self.step_in_epoch + 1}"
+        if self.on_nan == "skip":
+            self.skipped_steps += 1
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            return True
+        last = latest_checkpoint(self.run_dir) if self.run_dir else None
+        raise TrainingError(f"non-finite loss ({float(loss)}) at {where}; last good checkpoint: "
+                            f"{last if last else 'none written yet'} (resume with --resume, or use --on-nan skip)")
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> dict:
+        """Mean loss and accuracy over the loader (reduced over ranks)."""
+        self.model.eval()
+        loss_sum = correct = seen = 0.0
+        for x, y in loader:
+            x, y = self._prepare(x, y)
+            with self._autocast():
+                logits = self.model(x)
+            loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+            correct += accuracy_counts(logits, y)
+            seen += y.numel()
+        loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], self.ctx)
+        return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1)}
+
+    def fit(self, resume: bool = False) -> list[dict]:
+        """Run the remaining epochs; with `resume`, continue from the latest checkpoint."""
+        if resume:
+            self.resume()
+        for cb in self.callbacks:
+            cb.setup(self)
+        while self.epoch < self.epochs:
+            for cb in self.callbacks:
+                cb.on_epoch_start(self, self.epoch)
+            metrics = {"epoch": self.epoch + 1, **self.train_epoch()}
+            for name, loader in self.eval_loaders.items():
+                for key, value in self.evaluate(loader).items():
+                    metrics[f"{name}_{key}"] = value
+            for cb in self.callbacks:
+                metrics.update(cb.epoch_metrics(self, self.epoch))
+            self.policy.on_epoch_end(self.epoch, metrics)
+            self.history.append(metrics)
+            self.epoch += 1
+            self.checkpoint()
+            if self.ctx.is_main:
+                self.log(format_metrics(metrics))
+        return self.history
+
+
+def _json_line(metrics: dict) -> str:
+    return json.dumps(metrics, sort_keys=False, default=float) + "\n"
+
+
+def format_metrics(metrics: dict) -> str:
+    """One human line per epoch: the scalar metrics, rounded."""
+    parts = []
+    for key, value in metrics.items():
+        if isinstance(value, float) and math.isfinite(value):
+            parts.append(f"{key}={value:.4g}")
+        elif isinstance(value, (int, str)):
+            parts.append(f"{key}={value}")
+    return " ".join(parts)

@@ -1,0 +1,271 @@
+"""Sparsity-learning methods: each is gates + optimizers + callbacks + a rule that names dead structures.
+
+| method          | gate on                  | optimizer for the factors         | dead when                        |
+|-----------------|--------------------------|-----------------------------------|----------------------------------|
+| none            | -                        | -                                 | never                            |
+| sss             | inner channels, blocks   | APG, soft-threshold γ·lr          | λ == 0                           |
+| binary-gate     | inner channels           | APG on the float gate             | float gate < threshold           |
+| ista-bn         | BN γ of inner channels   | ISTA, threshold lr·ρ·c_l          | γ == 0                           |
+| slimming        | BN γ of inner channels   | SGD + L1 subgradient s·sign(γ)    | |γ| ≤ global percentile          |
+| epsilon-resnet  | residual branches        | none (weight decay)               | moving average of discard == 1   |
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .engine import Callback, Trainer
+from .gates import BinaryGate, EpsilonGate, GateConfig, ScaleGate, gate_parameters
+from .optim import APG, ISTA, add_l1_subgradient, ista_cost_weight
+
+METHODS = ("none", "sss", "binary-gate", "ista-bn", "slimming", "epsilon-resnet")
+DEFAULT_PENALTY = {"sss": 0.01, "binary-gate": 0.01, "ista-bn": 0.005, "slimming": 1e-5}
+
+
+def gate_config(method: str, config) -> GateConfig:
+    """Which gates a method's model is built with."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    if method == "sss":
+        return GateConfig("scale", channels=True, blocks=True)
+    if method == "binary-gate":
+        return GateConfig("binary", channels=True, threshold=config.threshold)
+    if method == "epsilon-resnet":
+        return GateConfig("epsilon", blocks=True, epsilon=config.epsilon)
+    if method in ("ista-bn", "slimming"):
+        return GateConfig("bn", channels=True)
+    return GateConfig()
+
+
+def penalty_of(config) -> float:
+    return config.penalty if config.penalty is not None else DEFAULT_PENALTY.get(config.method, 0.0)
+
+
+# --- dead structures -------------------------------------------------------------------------
+
+
+@dataclass
+class DeadSet:
+    """What compression removes: a dead-channel mask per channel group and dead residual branches."""
+
+    channels: dict[str, torch.Tensor] = field(default_factory=dict)
+    blocks: set[tuple[int, int]] = field(default_factory=set)
+
+    def count_channels(self) -> int:
+        return int(sum(int(m.sum()) for m in self.channels.values()))
+
+
+def channel_factor(group) -> torch.Tensor:
+    """The factor a channel group is judged by: its gate's factor, or its BN γ."""
+    if isinstance(group.gate, (ScaleGate, BinaryGate)):
+        return group.gate.factor()
+    return group.bn.weight.detach()
+
+
+def slimming_threshold(model: nn.Module, percent: float) -> float:
+    """Network slimming's global threshold: the `percent` percentile of all prunable |γ|."""
+    values = torch.cat([g.bn.weight.detach().abs().flatten() for g in model.channel_groups()])
+    k = int(round(percent / 100 * values.numel()))
+    return float(values.sort().values[k - 1]) if k > 0 else -1.0
+
+
+def dead_structures(model: nn.Module, method: str, *, prune_percent: float | None = None,
+                    discard_threshold: float = 1.0, weight_tolerance: float | None = None) -> DeadSet:
+    """The structures a method's selection rule declares dead, read from the current model state."""
+    dead = DeadSet()
+    if method == "none":
+        return dead
+    if method == "slimming":
+        threshold = 0.0 if prune_percent is None else slimming_threshold(model, prune_percent)
+        for g in model.channel_groups():
+            dead.channels[g.name] = g.bn.weight.detach().abs() <= threshold
+    elif method != "epsilon-resnet":
+        for g in model.channel_groups():
+            dead.channels[g.name] = channel_factor(g) == 0
+    for s, b, block in getattr(model, "residual_blocks", lambda: [])():
+        gate = getattr(block, "gate", None)
+        if isinstance(gate, EpsilonGate):
+            discarded = float(gate.discarded_average) >= discard_threshold - 1e-6
+            if discarded and weight_tolerance is not None:
+                discarded = all(float(p.detach().abs().max()) <= weight_tolerance
+                                for n, p in block.named_parameters() if n.startswith(("conv", "bn")) and "weight" in n)
+            if discarded:
+                dead.blocks.add((s, b))
+        elif isinstance(gate, (ScaleGate, BinaryGate)) and float(gate.factor()) == 0:
+            dead.blocks.add((s, b))
+    return dead
+
+
+# --- monitoring ------------------------------------------------------------------------------
+
+
+def ista_costs(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, float]:
+    """Ye et al.'s per-layer cost weight c_l for each channel group, from one shape-probing pass."""
+    shapes = {}
+    hooks = [g.conv.register_forward_hook(lambda m, i, o, name=g.name: shapes.__setitem__(name, o.shape))
+             for g in model.channel_groups()]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+    model.train(was_training)
+    for h in hooks:
+        h.remove()
+    hw_in = input_size[1] * input_size[2]
+    costs = {}
+    for g in model.channel_groups():
+        _, _, h_out, w_out = shapes[g.name]
+        kh, kw = g.conv.kernel_size
+        if isinstance(g.consumer, nn.Conv2d):
+            c_next, k_next = g.consumer.out_channels, g.consumer.kernel_size[0]
+        else:
+            c_next, k_next = g.consumer.out_features, 1
+        costs[g.name] = ista_cost_weight(h_out, w_out, kh, kw, g.conv.in_channels, hw_in, c_next, k_next)
+    return costs
+
+
+def sparsity_metrics(model: nn.Module, method: str, costs: dict[str, float] | None = None,
+                     prune_percent: float | None = None) -> dict:
+    """Alive channels per group and blocks per stage, dead counts, and the ISTA monitors."""
+    if method == "none":
+        return {}
+    dead = dead_structures(model, method, prune_percent=prune_percent)
+    groups = model.channel_groups()
+    metrics = {"alive_channels": [int((~dead.channels[g.name]).sum()) if g.name in dead.channels else g.bn.num_features
+                                  for g in groups],
+               "dead_channels": dead.count_channels(), "total_channels": sum(g.bn.num_features for g in groups)}
+    blocks = list(getattr(model, "residual_blocks", lambda: [])())
+    if blocks:
+        stages = max(s for s, _, _ in blocks) + 1
+        metrics["alive_blocks"] = [sum(1 for s, b, blk in blocks if s == st and blk.spec.has_branch
+                                       and (s, b) not in dead.blocks) for st in range(stages)]
+        metrics["dead_blocks"] = len(dead.blocks)
+    if method == "epsilon-resnet":
+        metrics["discarded_blocks"] = sum(float(blk.gate.is_discarded) for _, _, blk in blocks if blk.spec.has_branch)
+    if costs:
+        factors = {g.name: channel_factor(g) for g in groups}
+        metrics["group_lasso"] = sum(costs[n] * float(f.abs().sum()) for n, f in factors.items())
+        metrics["fake_sparsity"] = (sum(costs[n] * int((f == 0).sum()) for n, f in factors.items())
+                                    / sum(costs[n] * f.numel() for n, f in factors.items()))
+    if method == "binary-gate":
+        metrics["gate_ones"] = [int(g.gate.factor().sum()) for g in groups]
+        metrics["gate_zeros"] = [int((g.gate.factor() == 0).sum()) for g in groups]
+    return metrics
+
+
+# --- callbacks -------------------------------------------------------------------------------
+
+
+class SparsityLogger(Callback):
+    """Logs the method's structure counts after every epoch."""
+
+    def __init__(self, method: str, costs: dict[str, float] | None, prune_percent: float | None):
+        self.method, self.costs, self.prune_percent = method, costs, prune_percent
+
+    def epoch_metrics(self, trainer, epoch):
+        return sparsity_metrics(trainer.model, self.method, self.costs, self.prune_percent)
+
+
+class L1Subgradient(Callback):
+    """Network slimming: γ.grad += s·sign(γ) on every prunable BN after backward."""
+
+    def __init__(self, params, strength_of):
+        self.params, self.strength_of = params, strength_of
+
+    def after_backward(self, trainer):
+        add_l1_subgradient(self.params, self.strength_of())
+
+
+class SideSupervision(Callback):
+    """ε-ResNet: cross-entropy of the side classifier, weighted, added to the loss."""
+
+    def __init__(self, weight: float):
+        self.weight = weight
+
+    def loss_terms(self, trainer, logits, targets):
+        side = trainer.model.side_logits
+        if side is None:
+            return {}
+        trainer.model.side_logits = None
+        return {"side": self.weight * nn.functional.cross_entropy(side, targets)}
+
+
+class EpsilonSchedule(Callback):
+    """ε = 0 until `start_epoch`, then the configured ε (as the authors' later code)."""
+
+    def __init__(self, epsilon: float, start_epoch: int):
+        self.epsilon, self.start_epoch = epsilon, start_epoch
+
+    def on_epoch_start(self, trainer, epoch):
+        for m in trainer.model.modules():
+            if isinstance(m, EpsilonGate):
+                m.epsilon = self.epsilon if epoch >= self.start_epoch else 0.0
+
+
+# --- assembling a method ---------------------------------------------------------------------
+
+
+@dataclass
+class MethodParts:
+    optimizers: list[torch.optim.Optimizer]
+    callbacks: list[Callback]
+
+
+def _is_decayed(name: str, param: nn.Parameter) -> bool:
+    return param.dim() > 1 or not name.endswith("bias")
+
+
+def rescale_gamma(model: nn.Module, alpha: float) -> None:
+    """Ye et al.'s γ-W rescaling, function-preserving: γ, β ×α and the consumer's weights ×1/α."""
+    with torch.no_grad():
+        for g in model.channel_groups():
+            g.bn.weight.mul_(alpha)
+            g.bn.bias.mul_(alpha)
+            g.consumer.weight.div_(alpha)
+
+
+def build_method(model: nn.Module, config, input_size: tuple[int, ...]) -> MethodParts:
+    """Optimizers and callbacks for `config.method` on a model built with `gate_config(...)`."""
+    method, penalty = config.method, penalty_of(config)
+    gates = gate_parameters(model)
+    special = {id(p) for p in gates}
+    callbacks: list[Callback] = []
+    optimizers: list[torch.optim.Optimizer] = []
+    costs = None
+    if method == "ista-bn":
+        if config.gamma_rescale != 1.0:
+            rescale_gamma(model, config.gamma_rescale)
+        costs = ista_costs(model, input_size)
+        groups = model.channel_groups()
+        special |= {id(g.bn.weight) for g in groups}
+        optimizers.append(ISTA([{"params": [g.bn.weight], "cost": costs[g.name]} for g in groups],
+                               lr=config.lr, penalty=penalty))
+    elif gates:
+        optimizers.append(APG(gates, lr=config.lr, momentum=config.gate_momentum, penalty=penalty))
+    rest = [(n, p) for n, p in model.named_parameters() if id(p) not in special]
+    decay = [p for n, p in rest if _is_decayed(n, p)]
+    no_decay = [p for n, p in rest if not _is_decayed(n, p)]
+    optimizers.insert(0, torch.optim.SGD([{"params": decay, "weight_decay": config.weight_decay},
+                                          {"params": no_decay, "weight_decay": 0.0}],
+                                         lr=config.lr, momentum=config.momentum, nesterov=config.nesterov))
+    if method == "slimming":
+        bn_weights = [g.bn.weight for g in model.channel_groups()]
+        callbacks.append(L1Subgradient(bn_weights, lambda: penalty_of(config)))
+    if method == "epsilon-resnet":
+        callbacks.append(SideSupervision(config.side_weight))
+        callbacks.append(EpsilonSchedule(config.epsilon, config.epsilon_start_epoch))
+    callbacks.append(SparsityLogger(method, costs, config.prune_percent))
+    return MethodParts(optimizers, callbacks)
+
+
+def side_head_position(model_spec) -> tuple[int, int] | None:
+    """ε-ResNet's side classifier: after the middle block of stage 2 (for 4-stage ImageNet nets,
+    block 8 of stage 3, as the authors' ResNet-101)."""
+    stages = getattr(model_spec, "stages", None)
+    if not stages or len(stages) < 2:
+        return None
+    if len(stages) == 4 and len(stages[2]) > 8:
+        return (2, 7)
+    return (1, max(len(stages[1]) // 2 - 1, 0)) if len(stages[1]) else None

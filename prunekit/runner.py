@@ -1,0 +1,158 @@
+"""From a Config to a finished run directory: data, model, method, trainer, final artifacts.
+
+Run directory layout:
+    config.json        resolved configuration, versions, git revision
+    metrics.jsonl      one JSON object per epoch
+    checkpoints/       epoch-NNNN/{model.safetensors,state.pt} and `latest` (resume point)
+    final/             spec.json, gates.json, model.safetensors: the trained (gated) model
+"""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import spec as specs
+from .checkpoint import atomic_write_json, load_weights, save_weights
+from .config import Config, ConfigError
+from .data import DATASET_STATS, BatchLoader, dataset_info, load_dataset, make_loader, split_validation
+from .distributed import DistContext, init_distributed
+from .engine import Trainer
+from .gates import GateConfig
+from .methods import build_method, gate_config, side_head_position
+from .models import build, zoo_spec
+from .schedule import make_policy
+
+
+class RunDirError(RuntimeError):
+    """The output directory holds something else; the message says how to proceed."""
+
+
+def model_spec(config: Config) -> specs.Spec:
+    """The spec named by `config.model`: a zoo name or a spec JSON file, fitted to the dataset."""
+    info = dataset_info(config.data)
+    if config.model.endswith(".json"):
+        spec = specs.load(config.model)
+        if spec.in_channels != info["in_channels"] or spec.num_classes != info["num_classes"]:
+            raise ConfigError(f"{config.model}: spec has {spec.in_channels} input channels and {spec.num_classes} "
+                              f"classes; {config.data} needs {info['in_channels']} and {info['num_classes']}")
+        return spec
+    return zoo_spec(config.model, num_classes=info["num_classes"], in_channels=info["in_channels"])
+
+
+def input_size(config: Config) -> tuple[int, int, int]:
+    info = dataset_info(config.data)
+    return (info["in_channels"], info["image_size"], info["image_size"])
+
+
+def default_augmentation(config: Config) -> tuple[int, bool]:
+    """Pad-and-crop and flip unless the recipe says otherwise (no flips for digits or SVHN)."""
+    small = dataset_info(config.data)["image_size"]
+    pad = config.pad if config.pad is not None else (4 if small >= 32 else 2 if small >= 28 else 0)
+    flip = config.flip if config.flip is not None else config.data not in ("digits", "svhn", "mnist")
+    return pad, flip
+
+
+def make_loaders(config: Config, ctx: DistContext):
+    """Training loader and evaluation loaders ({'test': ..., 'val': ...})."""
+    pad, flip = default_augmentation(config)
+    common = {"device": ctx.device, "seed": config.seed, "rank": ctx.rank, "world_size": ctx.world_size,
+              "channels_last": config.channels_last}
+    if config.data == "imagenet":
+        train = make_loader("imagenet", config.data_dir, "train", config.batch_size, train=True,
+                            subset=config.train_subset, num_workers=config.num_workers, **common)
+        test = make_loader("imagenet", config.data_dir, "val", config.batch_size, train=False,
+                           num_workers=config.num_workers, **common)
+        return train, {"test": test}
+    mean, std = DATASET_STATS[config.data]
+    train_set = load_dataset(config.data, config.data_dir, "train")
+    if config.train_subset:
+        train_set = train_set.subset(min(config.train_subset, len(train_set)))
+    loaders = {}
+    if config.val_split:
+        train_set, val_set = split_validation(train_set, config.val_split, config.seed)
+        loaders["val"] = BatchLoader(val_set, config.batch_size, train=False, mean=mean, std=std, **common)
+    test_set = load_dataset(config.data, config.data_dir, "test")
+    loaders["test"] = BatchLoader(test_set, config.batch_size, train=False, mean=mean, std=std, **common)
+    train = BatchLoader(train_set, config.batch_size, train=True, mean=mean, std=std, pad=pad, flip=flip, **common)
+    return train, loaders
+
+
+def environment() -> dict:
+    """Versions and git revision recorded with every run, for reproducibility."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "git_revision": rev,
+            "threads": torch.get_num_threads()}
+
+
+def prepare_run_dir(run_dir: Path, config: Config, *, resume: bool, force: bool, is_main: bool = True) -> None:
+    """Refuse to mix two runs in one directory unless resuming the same one or forced."""
+    record = run_dir / "config.json"
+    if record.exists() and not force:
+        try:
+            previous = json.loads(record.read_text()).get("config")
+        except (OSError, json.JSONDecodeError):
+            previous = None
+        if not resume:
+            raise RunDirError(f"{run_dir}: already holds a run; use --resume to continue it or --force to overwrite")
+        if previous != json.loads(json.dumps(config.to_dict())):
+            raise RunDirError(f"{run_dir}: holds a run with a different configuration; use --force to overwrite")
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if force and (run_dir / "checkpoints").exists() and not resume:
+            import shutil
+            shutil.rmtree(run_dir / "checkpoints")
+        atomic_write_json(record, {"config": config.to_dict(), "environment": environment()})
+
+
+def save_final(directory: Path, spec: specs.Spec, gates: GateConfig, model: torch.nn.Module) -> None:
+    """The trained model as spec + gate configuration + safetensors weights."""
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(directory / "spec.json", specs.to_dict(spec))
+    atomic_write_json(directory / "gates.json", asdict(gates))
+    save_weights(model.state_dict(), directory / "model.safetensors")
+
+
+def load_final(directory: Path) -> tuple[specs.Spec, GateConfig, dict, tuple[int, int] | None]:
+    """(spec, gates, weights, side head position) of a saved gated model."""
+    spec = specs.load(directory / "spec.json")
+    try:
+        gates = GateConfig(**json.loads((directory / "gates.json").read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{directory / 'gates.json'}: not a gate configuration ({exc})") from None
+    weights = load_weights(directory / "model.safetensors")
+    side = side_head_position(spec) if any(k.startswith("side_head.") for k in weights) else None
+    return spec, gates, weights, side
+
+
+def train(config: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False,
+          spec: specs.Spec | None = None, initial_weights: dict | None = None, log=None) -> dict:
+    """Sparse- or dense-train `config` into `run_dir`; returns the final metrics and paths."""
+    ctx = init_distributed(config.device)
+    run_dir = Path(run_dir)
+    torch.manual_seed(config.seed)
+    spec = spec or model_spec(config)
+    gates = gate_config(config.method, config)
+    side = side_head_position(spec) if config.method == "epsilon-resnet" else None
+    model = build(spec, gates, side)
+    if initial_weights is not None:
+        model.load_state_dict(initial_weights, strict=False)
+    prepare_run_dir(run_dir, config, resume=resume, force=force, is_main=ctx.is_main)
+    train_loader, eval_loaders = make_loaders(config, ctx)
+    parts = build_method(model, config, input_size(config))
+    trainer = Trainer(model, parts.optimizers, make_policy(config), train_loader, eval_loaders,
+                      epochs=config.epochs, run_dir=run_dir, callbacks=parts.callbacks, ctx=ctx,
+                      amp=config.amp, channels_last=config.channels_last,
+                      label_smoothing=config.label_smoothing, on_nan=config.on_nan, log=log)
+    history = trainer.fit(resume=resume)
+    if ctx.is_main:
+        save_final(run_dir / "final", spec, gates, trainer.model)
+    return {"history": history, "spec": spec, "gates": gates, "model": trainer.model, "run_dir": run_dir}

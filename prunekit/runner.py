@@ -144,7 +144,7 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, force: b
     side = side_head_position(spec) if config.method == "epsilon-resnet" else None
     model = build(spec, gates, side)
     if initial_weights is not None:
-        model.load_state_dict(initial_weights, strict=False)
+        model.load_state_dict(initial_weights)
     prepare_run_dir(run_dir, config, resume=resume, force=force, is_main=ctx.is_main)
     train_loader, eval_loaders = make_loaders(config, ctx)
     parts = build_method(model, config, input_size(config))

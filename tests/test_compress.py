@@ -1,0 +1,158 @@
+"""The compressed model's outputs equal the gated model's, for every family and awkward pattern."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit import spec as S
+from prunekit.compress import compress, export, load, max_logit_difference
+from prunekit.gates import GateConfig
+from prunekit.measure import count_params, spec_cost
+from prunekit.methods import dead_structures
+from prunekit.models import build, zoo_spec
+
+FAMILIES = [("resnet20", 28, 1), ("preresnet110", 32, 3), ("preresnet164", 16, 3), ("resnet50", 64, 3),
+            ("vgg16", 32, 3), ("cnn4", 28, 1)]
+
+
+def randomize_bn(model, generator):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1, generator=generator)
+                m.running_var.uniform_(0.5, 2, generator=generator)
+                m.weight.normal_(1, 0.2, generator=generator)
+                m.bias.normal_(0, 0.2, generator=generator)
+
+
+def gated_model(name, cin, kind, pattern="random", seed=0):
+    spec = zoo_spec(name, in_channels=cin)
+    torch.manual_seed(seed)
+    model = build(spec, GateConfig(kind, channels=True, blocks=kind != "bn"))
+    g = torch.Generator().manual_seed(seed)
+    randomize_bn(model, g)
+    with torch.no_grad():
+        for i, group in enumerate(model.channel_groups()):
+            n = group.bn.num_features
+            dead = torch.rand(n, generator=g) < 0.5
+            if pattern == "all-but-one" and i == 0:
+                dead = torch.ones(n, dtype=torch.bool)
+                dead[n // 2] = False
+            if pattern == "all" and i == 0:
+                dead = torch.ones(n, dtype=torch.bool)
+            if kind == "bn":
+                group.bn.weight.masked_fill_(dead, 0.0)
+            else:
+                group.gate.weight.copy_(torch.where(dead, torch.zeros(n), torch.rand(n, generator=g) + 0.6))
+        for s, b, block in getattr(model, "residual_blocks", lambda: [])():
+            if kind == "bn" or not hasattr(block, "gate"):
+                continue
+            kill = (pattern == "whole-stage" and s == 1) or (pattern == "first-block" and b == 0) or \
+                   (pattern == "random" and torch.rand(1, generator=g).item() < 0.4)
+            if kill:
+                block.gate.weight.fill_(0.0)
+    return spec, model.eval()
+
+
+def check_equivalent(spec, model, kind, size, cin, exact_borders=True):
+    method = {"scale": "sss", "binary": "binary-gate", "bn": "ista-bn"}[kind]
+    dead = dead_structures(model, method)
+    result = compress(model, spec, dead, (cin, size, size), exact_borders=exact_borders)
+    x = torch.randn(4, cin, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-4)
+    assert count_params(result.model) == spec_cost(result.spec, (size, size)).params
+    return result, dead
+
+
+@pytest.mark.parametrize("name, size, cin", FAMILIES)
+@pytest.mark.parametrize("kind", ["scale", "binary", "bn"])
+def test_compressed_equals_gated_for_every_family(name, size, cin, kind):
+    spec, model = gated_model(name, cin, kind)
+    result, dead = check_equivalent(spec, model, kind, size, cin)
+    assert spec_cost(result.spec, (size, size)).macs < spec_cost(spec, (size, size)).macs
+    if kind != "bn" and isinstance(spec, S.ConvNetSpec):
+        alive = [max(int((~dead.channels[g.name]).sum()), 1) for g in model.channel_groups()]
+        assert [layer.width for layer in result.spec.layers] == alive
+
+
+@pytest.mark.parametrize("pattern", ["whole-stage", "first-block", "all-but-one", "all"])
+@pytest.mark.parametrize("name, size, cin", [("resnet20", 28, 1), ("preresnet110", 16, 3), ("resnet50", 32, 3)])
+def test_awkward_patterns(name, size, cin, pattern):
+    spec, model = gated_model(name, cin, "scale", pattern)
+    result, _ = check_equivalent(spec, model, "scale", size, cin)
+    if pattern == "whole-stage":
+        stage = result.spec.stages[1]
+        assert sum(b.has_branch for b in stage) == 0
+        assert all(b.shortcut != "identity" for b in stage)
+    if pattern == "first-block":
+        assert all(not stage[0].has_branch for stage in result.spec.stages[1:])
+    if pattern == "all-but-one":
+        assert result.model.channel_groups()[0].bn.num_features == 1
+
+
+def test_zero_gamma_with_nonzero_beta_folds_into_classifier_exactly():
+    spec, model = gated_model("cnn4", 1, "bn")
+    with torch.no_grad():
+        last = model.channel_groups()[-1]
+        last.bn.weight[:100] = 0
+        last.bn.bias[:100] = torch.linspace(0.1, 1.0, 100)
+    result, _ = check_equivalent(spec, model, "bn", 28, 1)
+    assert result.spec.layers[-1].width <= spec.layers[-1].width - 100
+
+
+def test_border_fold_is_approximate_and_kept_when_exactness_is_asked():
+    spec, model = gated_model("resnet20", 1, "bn")
+    exact, _ = check_equivalent(spec, model, "bn", 28, 1, exact_borders=True)
+    approx = compress(model, spec, dead_structures(model, "ista-bn"), (1, 28, 28), exact_borders=False)
+    x = torch.randn(4, 1, 28, 28)
+    assert max_logit_difference(model, approx.model, x) > 1e-4
+    assert spec_cost(approx.spec, (28, 28)).macs < spec_cost(exact.spec, (28, 28)).macs
+
+
+def test_export_loads_in_a_fresh_process_with_same_outputs(tmp_path):
+    spec, model = gated_model("resnet20", 1, "scale", "first-block")
+    result, _ = check_equivalent(spec, model, "scale", 28, 1)
+    export(tmp_path / "export", result.spec, result.state_dict, {"method": "sss"})
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(result.model(x), tmp_path / "expected.pt")
+    code = ("import torch, prunekit.compress as c; m = c.load(r'%s'); x = torch.load(r'%s');"
+            "torch.testing.assert_close(m(x), torch.load(r'%s'), rtol=0, atol=0); print('same')"
+            % (tmp_path / "export", tmp_path / "x.pt", tmp_path / "expected.pt"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "same", out.stderr
+    loaded = load(tmp_path / "export")
+    assert S.to_dict(S.load(tmp_path / "export" / "spec.json")) == S.to_dict(result.spec)
+    assert count_params(loaded) == count_params(result.model)
+
+
+def test_compressed_model_trains_further():
+    spec, model = gated_model("resnet20", 1, "scale", "whole-stage")
+    result, _ = check_equivalent(spec, model, "scale", 28, 1)
+    net = result.model.train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    x, y = torch.randn(16, 1, 28, 28), torch.arange(16) % 10
+    losses = []
+    for _ in range(5):
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None and p.grad.shape == p.shape for p in net.parameters())
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_weights_that_do_not_fit_the_spec_are_refused(tmp_path):
+    spec = zoo_spec("resnet20")
+    model = build(spec)
+    export(tmp_path / "e", spec, model.state_dict(), {})
+    smaller = zoo_spec("resnet20")
+    smaller.stages[0][0].inner = [8]
+    S.save(smaller, tmp_path / "e" / "spec.json")
+    with pytest.raises(S.SpecError, match="model.safetensors: weights do not fit spec.json"):
+        load(tmp_path / "e")

@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from prunekit import spec as S
+from prunekit.models import ZOO, zoo_spec
+
+
+@pytest.mark.parametrize("name", ZOO + ("imagenet-preresnet101",))
+def test_json_round_trip_is_exact(name):
+    spec = zoo_spec(name)
+    assert S.from_dict(json.loads(S.to_json(spec))) == spec
+
+
+def test_units_form_gives_the_papers_depths():
+    r50 = zoo_spec("resnet50", num_classes=1000)
+    r41 = S.apply_units(r50, [(0, False), (4, True), (6, True), (3, True)])
+    r32 = S.apply_units(r50, [(1, False), (4, True), (4, True), (1, True)])
+    r26 = S.apply_units(r50, [(0, False), (2, False), (5, False), (1, True)])
+    assert [S.count_layers(s) for s in (r41, r32, r26)] == [41, 32, 26]
+    first = r41.stages[0][0]
+    assert (first.inner, first.shortcut, first.out) == ([], "conv", 256)
+    assert len(r41.stages[0]) == 1 and len(r41.stages[1]) == 4
+    assert [len(s) for s in r26.stages] == [1, 3, 6, 1]
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d["stages"][0][0].update(out=-3), "spec.stages[0][0].out"),
+    (lambda d: d["stages"][0][0].update(inner=[0]), "spec.stages[0][0].inner[0]"),
+    (lambda d: d["stages"][1][0].update(inner=[10 ** 9]), "spec.stages[1][0].inner[0]"),
+    (lambda d: d.update(block="weird"), "spec.block"),
+    (lambda d: d.update(stem="16"), "spec.stem"),
+    (lambda d: d["stages"][0][0].update(shortcut="magic"), "spec.stages[0][0].shortcut"),
+    (lambda d: d["stages"][0][1].update(out=17), "spec.stages[0][1].shortcut"),
+    (lambda d: d.update(colour=1), "spec: unknown field 'colour'"),
+])
+def test_malformed_specs_name_the_field(mutate, field):
+    data = S.to_dict(zoo_spec("resnet20"))
+    mutate(data)
+    with pytest.raises(S.SpecError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        S.from_dict(data)
+
+
+def test_spec_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    with pytest.raises(S.SpecError, match="bad.json"):
+        S.load(path)
+
+
+def test_stage_with_no_blocks_left_is_valid():
+    spec = zoo_spec("resnet20")
+    spec.stages[0] = []
+    S.validate(spec)

@@ -194,7 +194,7 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
             return True
         last = latest_checkpoint(self.run_dir) if self.run_dir else None
-        raise TrainingError(f"non-finite loss ({float(loss)}) at {where}; last good checkpoint: "
+        raise TrainingError(f"non-finite loss ({loss.detach().item()}) at {where}; last good checkpoint: "
                             f"{last if last else 'none written yet'} (resume with --resume, or use --on-nan skip)")
 
     @torch.no_grad()

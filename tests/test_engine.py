@@ -1,0 +1,124 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from prunekit.checkpoint import latest_checkpoint
+from prunekit.config import make_config
+from prunekit.data import ArrayDataset, BatchLoader
+from prunekit.engine import Callback, Trainer, TrainingError
+from prunekit.methods import build_method, gate_config
+from prunekit.models import build
+from prunekit.schedule import make_policy
+from prunekit.spec import ConvLayerSpec, ConvNetSpec
+
+
+def tiny_setup(tmp_path, method="sss", epochs=3, callbacks=(), **overrides):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(64) % 4
+    images = torch.randint(0, 50, (64, 1, 8, 8), generator=g, dtype=torch.uint8)
+    for i, y in enumerate(labels):
+        images[i, 0, 2 * y:2 * y + 2, :] = 250
+    data = ArrayDataset(images, labels, 4, "tiny")
+    config = make_config({"method": method, "epochs": epochs, "lr": 0.05, "batch_size": 16, **overrides})
+    spec = ConvNetSpec([ConvLayerSpec(8), ConvLayerSpec(8, pool="max2")], num_classes=4, in_channels=1)
+    model = build(spec, gate_config(method, config))
+    parts = build_method(model, config, (1, 8, 8))
+    train = BatchLoader(data, 16, train=True, mean=(0.2,), std=(0.3,), pad=1, flip=True, seed=0)
+    test = BatchLoader(data, 16, train=False, mean=(0.2,), std=(0.3,))
+    return Trainer(model, parts.optimizers, make_policy(config), train, {"test": test}, epochs=epochs,
+                   run_dir=tmp_path, callbacks=list(parts.callbacks) + list(callbacks), on_nan=config.on_nan,
+                   log=lambda m: None)
+
+
+def test_training_lowers_the_loss(tmp_path):
+    history = tiny_setup(tmp_path, method="none", epochs=4).fit()
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["test_acc"] > 0.4  # chance is 0.25
+
+
+class StopAt(Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_start(self, trainer, epoch):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("method", ["none", "sss", "ista-bn"])
+def test_interrupted_then_resumed_run_ends_with_identical_weights(tmp_path, method):
+    straight = tiny_setup(tmp_path / "a", method)
+    straight.fit()
+    interrupted = tiny_setup(tmp_path / "b", method, callbacks=[StopAt(2)])
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    assert latest_checkpoint(tmp_path / "b").name == "epoch-0002"
+    resumed = tiny_setup(tmp_path / "b", method)
+    resumed.fit(resume=True)
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in straight.history]
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+
+
+class PoisonLoss(Callback):
+    def loss_terms(self, trainer, logits, targets):
+        return {"poison": torch.tensor(float("nan"))} if trainer.epoch == 1 else {}
+
+
+def test_nan_loss_stops_naming_step_and_last_checkpoint(tmp_path):
+    trainer = tiny_setup(tmp_path, "none", callbacks=[PoisonLoss()])
+    with pytest.raises(TrainingError, match=r"epoch 2, step 1; last good checkpoint: .*epoch-0001"):
+        trainer.fit()
+
+
+def test_nan_loss_steps_can_be_skipped(tmp_path):
+    trainer = tiny_setup(tmp_path, "none", callbacks=[PoisonLoss()], on_nan="skip")
+    trainer.fit()
+    assert trainer.skipped_steps == 4 and len(trainer.history) == 3
+
+
+def test_two_process_gloo_ddp_reduces_metrics_and_keeps_gates_identical(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_WORKER)
+    env = {**os.environ, "TESTS_DIR": os.path.dirname(__file__), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    for key in r0["gates"]:
+        assert torch.equal(r0["gates"][key], r1["gates"][key])
+    assert r0["history"] == r1["history"]
+    assert r0["test_seen"] == 64.0
+
+
+DDP_WORKER = r"""
+import os, sys, torch
+sys.path.insert(0, os.environ["TESTS_DIR"])
+from pathlib import Path
+from test_engine import tiny_setup
+from prunekit.data import BatchLoader
+from prunekit.distributed import all_reduce_sum, init_distributed
+from prunekit.engine import Trainer
+ctx = init_distributed("cpu")
+base = tiny_setup(Path(sys.argv[1]) / f"rank{ctx.rank}", "sss", epochs=2)
+data = base.train_loader
+from prunekit.data import ArrayDataset
+dataset = ArrayDataset(data.images, data.labels, 4, "tiny")
+train = BatchLoader(dataset, 16, train=True, mean=(0.2,), std=(0.3,), pad=1, flip=True, seed=0,
+                    rank=ctx.rank, world_size=ctx.world_size)
+test = BatchLoader(dataset, 16, train=False, mean=(0.2,), std=(0.3,), rank=ctx.rank, world_size=ctx.world_size)
+trainer = Trainer(base.model, base.optimizers, base.policy, train, {"test": test}, epochs=2, ctx=ctx,
+                  callbacks=base.callbacks, log=lambda m: None)
+history = trainer.fit()
+seen = all_reduce_sum([float(len(test.labels[ctx.rank::ctx.world_size]))], ctx)[0]
+gates = {k: v for k, v in trainer.model.state_dict().items() if "gate" in k}
+keep = [{k: v for k, v in h.items() if k not in ("train_images_per_s", "epoch_time_s")} for h in history]
+torch.save({"gates": gates, "history": keep, "test_seen": seen}, Path(sys.argv[1]) / f"rank{ctx.rank}.pt")
+"""

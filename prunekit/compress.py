@@ -21,7 +21,7 @@ from torch import nn
 from . import spec as specs
 from .checkpoint import atomic_write_json, atomic_write_text, load_weights, save_weights
 from .gates import BinaryGate, ScaleGate
-from .methods import DeadSet, dead_structures
+from .methods import EXACT_METHODS, DeadSet, dead_structures
 from .models import build
 from .models.resnet import ResNet
 
@@ -98,33 +98,73 @@ def _fold_is_exact(consumer: nn.Module) -> bool:
     return isinstance(consumer, nn.Linear) or all(p == 0 for p in consumer.padding)
 
 
-def _keep_indices(model: nn.Module, dead: DeadSet, input_size, exact_borders: bool) -> dict[str, torch.Tensor]:
-    """Channels kept per group, after folding the constant relu(β) output of dead channels forward.
+def _effective_beta(group) -> torch.Tensor:
+    """The BN shift as the channel emits it, after its gate (0 where a gate factor is 0)."""
+    beta = group.bn.bias.detach()
+    if isinstance(group.gate, (ScaleGate, BinaryGate)):
+        beta = beta * group.gate.factor()
+    return beta
 
-    A dead channel whose fold would be inexact (no follower to absorb it, or a padded consumer
-    when `exact_borders`) is kept instead; at least one channel per group is always kept.
+
+def kept_channels(model: nn.Module, dead: DeadSet, exact_borders: bool = True) -> dict[str, torch.Tensor]:
+    """Indices of the channels compression keeps in each group (read-only; no forward pass).
+
+    A dead channel still emitting relu(β) > 0 is kept when its constant cannot be folded forward
+    (no BN or classifier after the consumer, or a padded consumer when `exact_borders`); at least
+    one channel per group is always kept.
     """
-    sizes = _consumer_input_sizes(model, input_size)
     keep = {}
+    for g in model.channel_groups():
+        mask = dead.channels.get(g.name, torch.zeros(g.bn.num_features, dtype=torch.bool)).clone()
+        constant = mask & (_effective_beta(g) > 0)
+        if constant.any() and (_follower(model, g) is None or (exact_borders and not _fold_is_exact(g.consumer))):
+            mask &= ~constant
+        if mask.all():
+            mask[channel_strength(g).argmax()] = False
+        keep[g.name] = (~mask).nonzero().flatten()
+    return keep
+
+
+def pruned_spec(model: nn.Module, spec: specs.Spec, dead: DeadSet, keep: dict[str, torch.Tensor]) -> specs.Spec:
+    """The spec of the compressed network: kept widths, dead branches dropped or reduced to shortcuts."""
+    new_spec = copy.deepcopy(spec)
+    if isinstance(spec, specs.ConvNetSpec):
+        for layer, g in zip(new_spec.layers, model.channel_groups()):
+            layer.width = len(keep[g.name])
+        return new_spec
+    new_spec.stages = []
+    for s, stage in enumerate(model.stages):
+        blocks = []
+        for b, block in enumerate(stage):
+            block_spec = copy.deepcopy(spec.stages[s][b])
+            if (s, b) in dead.blocks or not block_spec.has_branch:
+                if block_spec.shortcut == "identity":
+                    continue
+                block_spec.inner = []
+            else:
+                block_spec.inner = [len(keep[g.name]) for g in block.channel_groups(f"layer{s + 1}.{b}")]
+            blocks.append(block_spec)
+        new_spec.stages.append(blocks)
+    specs.validate(new_spec)
+    return new_spec
+
+
+def _fold_constants(model: nn.Module, dead: DeadSet, keep: dict[str, torch.Tensor], input_size) -> None:
+    """Add the constant relu(β) output of removed channels to what follows their consumer."""
+    sizes = _consumer_input_sizes(model, input_size)
     with torch.no_grad():
         for g in model.channel_groups():
-            mask = dead.channels.get(g.name, torch.zeros(g.bn.num_features, dtype=torch.bool)).clone()
-            constant = mask & (g.bn.bias.detach() > 0)
-            if constant.any():
-                follower = _follower(model, g)
-                if follower is None or (exact_borders and not _fold_is_exact(g.consumer)):
-                    mask &= ~constant
-                else:
-                    contribution = _constant_contribution(g, constant, sizes.get(id(g.consumer), (1, 1)))
-                    if isinstance(follower, nn.Linear):
-                        follower.bias.add_(contribution)
-                    else:
-                        follower.running_mean.sub_(contribution[:, contribution.shape[1] // 2,
-                                                                contribution.shape[2] // 2])
-            if mask.all():
-                mask[channel_strength(g).argmax()] = False
-            keep[g.name] = (~mask).nonzero().flatten()
-    return keep
+            removed = torch.ones(g.bn.num_features, dtype=torch.bool)
+            removed[keep[g.name]] = False
+            constant = removed & (g.bn.bias.detach() > 0)
+            if not constant.any():
+                continue
+            follower = _follower(model, g)
+            contribution = _constant_contribution(g, constant, sizes.get(id(g.consumer), (1, 1)))
+            if isinstance(follower, nn.Linear):
+                follower.bias.add_(contribution)
+            else:
+                follower.running_mean.sub_(contribution[:, contribution.shape[1] // 2, contribution.shape[2] // 2])
 
 
 def channel_strength(group) -> torch.Tensor:
@@ -151,39 +191,29 @@ def compress(model: nn.Module, spec: specs.Spec, dead: DeadSet, input_size: tupl
              exact_borders: bool = True) -> Compressed:
     """The smaller plain network equal to the gated one with `dead` structures removed."""
     model = copy.deepcopy(model).cpu().eval()
+    keep = kept_channels(model, dead, exact_borders)
+    new_spec = pruned_spec(model, spec, dead, keep)
     _fold_gates(model)
-    keep = _keep_indices(model, dead, input_size, exact_borders)
+    _fold_constants(model, dead, keep, input_size)
     for g in model.channel_groups():
         if len(keep[g.name]) < g.bn.num_features:
             _slice_group(g, keep[g.name])
-    new_spec = copy.deepcopy(spec)
-    state = {}
     if isinstance(model, ResNet):
-        for k, v in model.state_dict().items():
-            if not k.startswith(("layer", "side_head")):
-                state[k] = v
-        new_spec.stages = []
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith(("layer", "side_head"))}
         for s, stage in enumerate(model.stages):
-            blocks = []
+            new_index = 0
             for b, block in enumerate(stage):
-                block_spec = copy.deepcopy(spec.stages[s][b])
-                if (s, b) in dead.blocks or not block_spec.has_branch:
-                    if block_spec.shortcut == "identity":
-                        continue
-                    block_spec.inner = []
-                    kept = {k: v for k, v in block.state_dict().items() if k.startswith("downsample")
-                            or (k.startswith("bn1.") and block.preact and block_spec.shortcut == "conv")}
-                else:
-                    block_spec.inner = [getattr(block, f"conv{i}").out_channels for i in range(1, block.num_convs)]
-                    kept = {k: v for k, v in block.state_dict().items() if not k.startswith("gate")}
-                state.update({f"layer{s + 1}.{len(blocks)}.{k}": v for k, v in kept.items()})
-                blocks.append(block_spec)
-            new_spec.stages.append(blocks)
+                block_spec = spec.stages[s][b]
+                branch_dead = (s, b) in dead.blocks or not block_spec.has_branch
+                if branch_dead and block_spec.shortcut == "identity":
+                    continue
+                kept = {k: v for k, v in block.state_dict().items() if not k.startswith("gate") and (
+                    not branch_dead or k.startswith("downsample")
+                    or (k.startswith("bn1.") and block.preact and block_spec.shortcut == "conv"))}
+                state.update({f"layer{s + 1}.{new_index}.{k}": v for k, v in kept.items()})
+                new_index += 1
     else:
-        for layer_spec, layer in zip(new_spec.layers, model.features):
-            layer_spec.width = layer.conv.out_channels
         state = {k: v for k, v in model.state_dict().items() if ".gate." not in k}
-    specs.validate(new_spec)
     compressed = build(new_spec)
     compressed.load_state_dict(state, strict=True)
     return Compressed(new_spec, compressed.state_dict(), compressed.eval())
@@ -270,7 +300,7 @@ def compress_run(path: str | Path, out: str | Path | None = None, *, method: str
     gated.eval()
     size = input_size(config)
     dead = dead_structures(gated, method, prune_percent=prune_percent)
-    exact = method in ("sss", "binary-gate", "none")
+    exact = method in EXACT_METHODS
     result = compress(gated, spec, dead, size, exact_borders=exact)
     if batch is None:
         batch = torch.randn(8, *size, generator=torch.Generator().manual_seed(0))

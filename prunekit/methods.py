@@ -21,6 +21,7 @@ from .gates import BinaryGate, EpsilonGate, GateConfig, ScaleGate, gate_paramete
 from .optim import APG, ISTA, add_l1_subgradient, ista_cost_weight
 
 METHODS = ("none", "sss", "binary-gate", "ista-bn", "slimming", "epsilon-resnet")
+EXACT_METHODS = ("none", "sss", "binary-gate")  # their dead structures output exactly zero
 DEFAULT_PENALTY = {"sss": 0.01, "binary-gate": 0.01, "ista-bn": 0.005, "slimming": 1e-5}
 
 

@@ -1,0 +1,104 @@
+"""The CLI end to end on tiny data in the real Fashion-MNIST format."""
+import json
+
+import pytest
+import torch
+
+from prunekit.cli import main
+from prunekit.compress import load_any
+from prunekit.methods import dead_structures, sparsity_metrics
+
+TINY = ["--model", "resnet20", "--epochs", "2", "--batch-size", "32", "--lr", "0.05"]
+
+
+def run_cli(*args):
+    return main([str(a) for a in args])
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("sss", ["--penalty", "5", "--schedule", "constant"]),
+    ("binary-gate", ["--penalty", "5", "--schedule", "constant"]),
+    ("ista-bn", ["--penalty", "4", "--schedule", "constant"]),
+    ("slimming", ["--penalty", "1e-3", "--prune-percent", "40"]),
+    ("epsilon-resnet", ["--epsilon", "0.05", "--schedule", "piecewise", "--lr-schedule", '{"0": 0.05}'])])
+def test_each_method_trains_and_logged_counts_match_the_gates(tmp_path, tiny_fmnist, method, extra):
+    out = tmp_path / method
+    assert run_cli("train", *TINY, "--data-dir", tiny_fmnist, "--method", method, *extra, "--out", out) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2
+    model, _ = load_any(out)
+    recomputed = sparsity_metrics(model, method, prune_percent=40 if method == "slimming" else None)
+    last = metrics[-1]
+    for key in ("alive_channels", "dead_channels", "alive_blocks", "dead_blocks", "gate_ones", "gate_zeros"):
+        if key in recomputed:
+            assert last[key] == recomputed[key], key
+    if method in ("sss", "ista-bn", "binary-gate"):
+        assert last["dead_channels"] > 0, "a strong penalty must produce exact zeros"
+    if method == "ista-bn":
+        assert 0 < last["fake_sparsity"] <= 1 and last["group_lasso"] >= 0
+    if method == "epsilon-resnet":
+        assert "discarded_blocks" in last
+    assert run_cli("compress", out) == 0
+    card = json.loads((out / "compressed" / "card.json").read_text())
+    assert card["macs_after"] <= card["macs_before"]
+    if method in ("sss", "binary-gate"):
+        assert card["max_logit_difference"] < 1e-3
+
+
+def test_sss_compression_is_exact_from_a_trained_run(tmp_path, tiny_fmnist):
+    out = tmp_path / "sss"
+    run_cli("train", *TINY, "--data-dir", tiny_fmnist, "--method", "sss", "--penalty", "3", "--schedule", "constant",
+            "--out", out)
+    model, _ = load_any(out)
+    dead = dead_structures(model, "sss")
+    assert dead.count_channels() > 0
+    run_cli("compress", out)
+    card = json.loads((out / "compressed" / "card.json").read_text())
+    assert card["exact"] and card["max_logit_difference"] < 1e-4 and card["macs_ratio"] < 1
+
+
+def test_train_eval_info(tmp_path, tiny_fmnist, capsys):
+    out = tmp_path / "dense"
+    assert run_cli("train", *TINY, "--data-dir", tiny_fmnist, "--out", out) == 0
+    assert (out / "final" / "model.safetensors").exists() and (out / "config.json").exists()
+    capsys.readouterr()
+    assert run_cli("eval", out, "--data-dir", tiny_fmnist) == 0
+    result = json.loads(capsys.readouterr().out)
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert result["test_acc"] == pytest.approx(history[-1]["test_acc"])
+    assert run_cli("info", "resnet56") == 0
+    assert "params 855,770" in capsys.readouterr().out
+
+
+def test_recipe_values_are_overridden_by_flags(tmp_path, tiny_fmnist):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: resnet20\nepochs: 3\nbatch_size: 32\nlr: 0.05\nmethod: sss\n")
+    out = tmp_path / "run"
+    assert run_cli("train", "--recipe", recipe, "--epochs", "1", "--data-dir", tiny_fmnist, "--out", out) == 0
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["epochs"] == 1 and config["method"] == "sss" and config["batch_size"] == 32
+
+
+@pytest.mark.parametrize("content, message", [
+    ("epochz: 3\n", "unknown key 'epochz'; did you mean 'epochs'?"),
+    ("epochs: three\n", "epochs: expected int"),
+    ("- a list\n", "a recipe is a mapping"),
+    ("lr: !!python/object/apply:os.system ['echo hacked']\n", "not valid YAML"),
+])
+def test_bad_recipes_get_one_line_errors(tmp_path, capsys, content, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(content)
+    assert run_cli("train", "--recipe", recipe, "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "bad.yaml" in err and len(err.splitlines()) == 1
+
+
+def test_missing_data_and_existing_run_are_refused(tmp_path, tiny_fmnist, capsys):
+    assert run_cli("train", *TINY, "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "a") == 2
+    assert "nowhere" in capsys.readouterr().err
+    out = tmp_path / "b"
+    assert run_cli("train", *TINY, "--epochs", "1", "--data-dir", tiny_fmnist, "--out", out) == 0
+    before = (out / "final" / "model.safetensors").read_bytes()
+    assert run_cli("train", *TINY, "--epochs", "1", "--data-dir", tiny_fmnist, "--out", out) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "final" / "model.safetensors").read_bytes() == before

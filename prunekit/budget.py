@@ -1,14 +1,308 @@
 """Budgets: the cost of the network compression would produce, and a controller that steers the
-penalty so that sparse training lands on a MACs or parameter target."""
+penalty so that sparse training lands on a MACs or parameter target.
+
+Control law (every `check_every` steps until the target is reached or `reach_fraction` of the
+training has passed): with p the projected cost and r(t) a ramp from the dense cost at t=0 to the
+target at t = reach_fraction, both as fractions of the dense cost, the penalty is multiplied by
+exp(gain · (p − r(t))), clipped to [1/4, 4] per check. When p ≤ target + margin, or at the deadline,
+the dead set is chosen exactly: structures are ranked by |factor| / cost weight and taken in that order, skipping any whose
+removal would overshoot the target by more than the margin, until the target is met; they are zeroed
+and every other structure is kept alive (revived at a small value if it had reached zero). From then on the dead set is frozen (re-zeroed after every step), the penalty is 0, and the
+remaining structures keep training.
+"""
 from __future__ import annotations
 
+import copy
+import math
+
+import torch
 from torch import nn
 
 from . import spec as specs
 from .compress import kept_channels, pruned_spec
-from .methods import DeadSet
+from .config import ConfigError
+from .engine import Callback
+from .gates import BinaryGate, EpsilonGate, ScaleGate
+from .measure import spec_cost
+from .methods import EXACT_METHODS, DeadSet, dead_structures
 
 
 def projected_spec(model: nn.Module, spec: specs.Spec, dead: DeadSet, exact_borders: bool = True) -> specs.Spec:
     """The spec compression would produce from the current gate state, without a forward pass."""
     return pruned_spec(model, spec, dead, kept_channels(model, dead, exact_borders))
+
+
+def projected_cost(model, spec, method, input_hw, prune_percent=None):
+    dead = dead_structures(model, method, prune_percent=prune_percent)
+    return spec_cost(projected_spec(model, spec, dead, method in EXACT_METHODS), input_hw)
+
+
+def resolve_target(value: float, dense: int, what: str) -> int:
+    """A target given as a fraction of the dense cost (≤ 1) or as an absolute count (> 1)."""
+    if value <= 0:
+        raise ConfigError(f"target_{what}: must be positive, got {value}")
+    return int(value * dense) if value <= 1 else int(value)
+
+
+def minimum_cost(spec: specs.Spec, input_hw, metric: str, remove_blocks: bool) -> int:
+    """The cheapest network pruning could reach: one channel per group, removable branches gone."""
+    smallest = copy.deepcopy(spec)
+    if isinstance(smallest, specs.ConvNetSpec):
+        for layer in smallest.layers:
+            layer.width = 1
+    else:
+        for s, stage in enumerate(smallest.stages):
+            kept = []
+            for block in stage:
+                if remove_blocks:
+                    if block.shortcut == "identity":
+                        continue
+                    block.inner = []
+                else:
+                    block.inner = [1] * len(block.inner)
+                kept.append(block)
+            smallest.stages[s] = kept
+    return getattr(spec_cost(smallest, input_hw), metric)
+
+
+def _structures(model: nn.Module):
+    """(kind, key, index, tensor holding the factor) for every prunable structure."""
+    for g in model.channel_groups():
+        owner = g.gate.weight if isinstance(g.gate, (ScaleGate, BinaryGate)) else g.bn.weight
+        for c in range(g.bn.num_features):
+            yield "channel", g.name, c, owner
+    for s, b, block in getattr(model, "residual_blocks", lambda: [])():
+        if isinstance(getattr(block, "gate", None), (ScaleGate, BinaryGate)):
+            yield "block", (s, b), 0, block.gate.weight
+
+
+def cost_weights(model: nn.Module, spec: specs.Spec, input_hw, metric: str = "macs") -> dict:
+    """MACs (or params) saved by removing one channel of each group or one whole block, normalised
+    so that the mean channel weight is 1 — a cost-aware generalisation of Ye et al.'s c_l."""
+    base = getattr(spec_cost(spec, input_hw), metric)
+    weights = {}
+    empty = DeadSet()
+    for g in model.channel_groups():
+        dead = DeadSet({g.name: torch.arange(g.bn.num_features) == 0})
+        reduced = pruned_spec(model, spec, dead, kept_channels(model, dead))
+        weights[g.name] = base - getattr(spec_cost(reduced, input_hw), metric)
+    for s, b, block in getattr(model, "residual_blocks", lambda: [])():
+        if block.spec.has_branch:
+            reduced = pruned_spec(model, spec, DeadSet(blocks={(s, b)}), kept_channels(model, empty))
+            weights[(s, b)] = base - getattr(spec_cost(reduced, input_hw), metric)
+    groups = [g.name for g in model.channel_groups()]
+    mean = sum(weights[n] for n in groups) / max(len(groups), 1) or 1.0
+    return {k: max(v, 1) / mean for k, v in weights.items()}
+
+
+def _binary_off(model, tensor, index) -> bool:
+    """Whether a binary gate's float value is below its threshold (the gate reads 0)."""
+    for m in model.modules():
+        if isinstance(m, BinaryGate) and m.weight is tensor:
+            return float(tensor.view(-1)[index]) < m.threshold
+    return False
+
+
+class BudgetController(Callback):
+    """Steers a proximal method's penalty to a MACs/params target, then freezes the dead set."""
+
+    def __init__(self, spec, method: str, input_hw, target: int, metric: str, reach_fraction: float,
+                 penalty: float, check_every: int = 20, gain: float = 8.0, margin: float = 0.005):
+        self.spec, self.method, self.input_hw = spec, method, input_hw
+        self.target, self.metric, self.reach_fraction = target, metric, reach_fraction
+        self.penalty, self.check_every, self.gain, self.margin = penalty, check_every, gain, margin
+        self.frozen = False
+        self.fixed: list = []
+        self.projected = None
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def dense(self) -> int:
+        return getattr(spec_cost(self.spec, self.input_hw), self.metric)
+
+    def _project(self, model) -> int:
+        return getattr(projected_cost(model, self.spec, self.method, self.input_hw), self.metric)
+
+    def _set_penalty(self, trainer, value: float) -> None:
+        self.penalty = value
+        for opt in trainer.optimizers[1:]:
+            for group in opt.param_groups:
+                if "penalty" in group:
+                    group["penalty"] = value * group.get("budget_weight", 1.0)
+
+    def setup(self, trainer):
+        weights = cost_weights(trainer.model, self.spec, self.input_hw, self.metric)
+        owners = {id(tensor): key for _, key, _, tensor in _structures(trainer.model)}
+        for opt in trainer.optimizers[1:]:
+            for group in opt.param_groups:
+                key = owners.get(id(group["params"][0]))
+                if key is not None:
+                    group["budget_weight"] = weights[key]
+                    if "cost" in group:
+                        group["cost"] = 1.0
+        if self.frozen:
+            self._fix(trainer.model, [(t, i) for _, _, i, t in _structures(trainer.model)
+                                      if float(t.view(-1)[i]) == 0 or _binary_off(trainer.model, t, i)])
+        self._set_penalty(trainer, 0.0 if self.frozen else self.penalty)
+
+    # --- control -----------------------------------------------------------------------------
+
+    def after_step(self, trainer):
+        if self.frozen:
+            self._rezero(trainer.model)
+            return
+        steps = len(trainer.train_loader)
+        if (trainer.step_in_epoch + 1) % self.check_every and trainer.step_in_epoch + 1 != steps:
+            return
+        t = (trainer.epoch + (trainer.step_in_epoch + 1) / steps) / trainer.epochs
+        dense = self.dense()
+        self.projected = self._project(trainer.model)
+        if self.projected <= self.target + self.margin * dense or t >= self.reach_fraction:
+            self.freeze(trainer)
+            return
+        ramp = 1 - (1 - self.target / dense) * min(t / self.reach_fraction, 1.0)
+        error = self.projected / dense - ramp
+        self._set_penalty(trainer, self.penalty * math.exp(max(min(self.gain * error, math.log(4)), -math.log(4))))
+
+    @torch.no_grad()
+    def freeze(self, trainer) -> None:
+        """Choose the dead set that meets the target exactly, zero it, and stop the penalty."""
+        model = trainer.model
+        weights = cost_weights(model, self.spec, self.input_hw, self.metric)
+        candidates = sorted(_structures(model),
+                            key=lambda c: float(c[3].detach().view(-1)[c[2]].abs()) / weights[c[1]])
+
+        dense = self.dense()
+
+        def cost_of(chosen):
+            dead = DeadSet({g.name: torch.zeros(g.bn.num_features, dtype=torch.bool) for g in model.channel_groups()})
+            for kind, key, index, _ in chosen:
+                if kind == "channel":
+                    dead.channels[key][index] = True
+                else:
+                    dead.blocks.add(key)
+            return getattr(spec_cost(projected_spec(model, self.spec, dead, self.method in EXACT_METHODS),
+                                     self.input_hw), self.metric)
+
+        chosen, cost = [], dense
+        for candidate in candidates:
+            trial = cost_of(chosen + [candidate])
+            if trial < self.target - self.margin * dense:
+                continue  # removing it would overshoot the target: it stays
+            chosen.append(candidate)
+            cost = trial
+            if cost <= self.target:
+                break
+        self._fix(model, [(t, i) for _, _, i, t in chosen])
+        self.frozen = True
+        self._set_penalty(trainer, 0.0)
+        self._rezero(model)
+        self.projected = cost
+
+    def _fix(self, model, dead: list[tuple[torch.Tensor, int]]) -> None:
+        """Record, per factor tensor, which entries are dead and the floor that keeps the rest alive."""
+        thresholds = {id(m.weight): m.threshold for m in model.modules() if isinstance(m, BinaryGate)}
+        tensors = {id(t): t for _, _, _, t in _structures(model)}
+        self.fixed = []
+        for key, tensor in tensors.items():
+            mask = torch.zeros(tensor.numel(), dtype=torch.bool, device=tensor.device)
+            for t, i in dead:
+                if t is tensor:
+                    mask[i] = True
+            alive = tensor.detach().abs().view(-1)[~mask]
+            floor = thresholds.get(key, float(alive.max()) * 1e-2 if alive.numel() and alive.max() > 0 else 1e-2)
+            self.fixed.append((tensor, mask, floor, key in thresholds))
+
+    @torch.no_grad()
+    def _rezero(self, model):
+        """Dead entries back to 0; alive entries kept off 0 (and binary gates on): no change of the set."""
+        for tensor, mask, floor, binary in self.fixed:
+            flat = tensor.view(-1)
+            if binary:
+                flat.copy_(torch.where(mask, torch.zeros_like(flat), flat.clamp(min=floor)))
+            else:
+                revived = torch.where(flat == 0, torch.full_like(flat, floor), flat)
+                flat.copy_(torch.where(mask, torch.zeros_like(flat), revived))
+
+    def epoch_metrics(self, trainer, epoch):
+        projected = self._project(trainer.model)
+        return {"penalty": self.penalty, f"projected_{self.metric}": projected, f"target_{self.metric}": self.target,
+                "budget_frozen": self.frozen}
+
+    def state_dict(self):
+        return {"penalty": self.penalty, "frozen": self.frozen}
+
+    def load_state_dict(self, state):
+        self.penalty, self.frozen = state["penalty"], state["frozen"]
+
+
+class EpsilonBudget(Callback):
+    """ε-ResNet under a budget: after each epoch, ε grows or shrinks by the same law as the penalty
+    (blocks are discarded when their whole output is within ε) until the projected cost meets the
+    target; then ε is held. Only whole blocks go, so the target is met to within one block."""
+
+    def __init__(self, spec, input_hw, target: int, metric: str, reach_fraction: float, gain: float = 4.0):
+        self.spec, self.input_hw, self.target, self.metric = spec, input_hw, target, metric
+        self.reach_fraction, self.gain, self.frozen = reach_fraction, gain, False
+
+    def epoch_metrics(self, trainer, epoch):
+        dense = getattr(spec_cost(self.spec, self.input_hw), self.metric)
+        projected = getattr(projected_cost(trainer.model, self.spec, "epsilon-resnet", self.input_hw), self.metric)
+        gates = [m for m in trainer.model.modules() if isinstance(m, EpsilonGate)]
+        t = (epoch + 1) / trainer.epochs
+        if not self.frozen and (projected <= self.target or t >= self.reach_fraction):
+            self.frozen = True
+        if not self.frozen:
+            ramp = 1 - (1 - self.target / dense) * min(t / self.reach_fraction, 1.0)
+            factor = math.exp(max(min(self.gain * (projected / dense - ramp), math.log(2)), -math.log(2)))
+            for gate in gates:
+                gate.epsilon *= factor
+        return {"epsilon": gates[0].epsilon if gates else None, f"projected_{self.metric}": projected,
+                f"target_{self.metric}": self.target, "budget_frozen": self.frozen}
+
+    def state_dict(self):
+        return {"frozen": self.frozen}
+
+    def load_state_dict(self, state):
+        self.frozen = state["frozen"]
+
+
+def slimming_percent_for_target(model, spec, input_hw, target: int, metric: str = "macs") -> float:
+    """The smallest global |γ| percentile whose pruning meets the target (network slimming)."""
+    low, high = 0.0, 100.0
+    for _ in range(30):
+        mid = (low + high) / 2
+        cost = getattr(projected_cost(model, spec, "slimming", input_hw, prune_percent=mid), metric)
+        if cost <= target:
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def budget_callbacks(model, spec, config, input_size) -> list[Callback]:
+    """The budget controller a config asks for (none without a target); impossible targets are refused."""
+    if config.target_macs is None and config.target_params is None:
+        return []
+    metric = "macs" if config.target_macs is not None else "params"
+    value = config.target_macs if metric == "macs" else config.target_params
+    input_hw = tuple(input_size[1:])
+    dense = getattr(spec_cost(spec, input_hw), metric)
+    target = resolve_target(value, dense, metric)
+    if config.method == "none":
+        raise ConfigError(f"target_{metric}: the dense method prunes nothing; choose a sparsity method")
+    removes_blocks = config.method in ("sss", "epsilon-resnet")
+    floor = minimum_cost(spec, input_hw, metric, removes_blocks)
+    if config.method == "epsilon-resnet":
+        floor = minimum_cost(spec, input_hw, metric, True)
+    if target < floor:
+        raise ConfigError(f"target_{metric}: {target:,} is below the {floor:,} that {config.method} can reach on "
+                          f"this model (stem, head and what cannot be removed); the dense model has {dense:,}")
+    if config.method == "slimming":
+        return []
+    if config.method == "epsilon-resnet":
+        return [EpsilonBudget(spec, input_hw, target, metric, config.target_epoch_fraction)]
+    from .methods import penalty_of
+
+    return [BudgetController(spec, config.method, input_hw, target, metric, config.target_epoch_fraction,
+                             penalty_of(config))]

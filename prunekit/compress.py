@@ -98,12 +98,14 @@ def _fold_is_exact(consumer: nn.Module) -> bool:
     return isinstance(consumer, nn.Linear) or all(p == 0 for p in consumer.padding)
 
 
-def _effective_beta(group) -> torch.Tensor:
-    """The BN shift as the channel emits it, after its gate (0 where a gate factor is 0)."""
-    beta = group.bn.bias.detach()
+def _emits_constant(group, mask: torch.Tensor) -> torch.Tensor:
+    """Which channels of `mask` would still emit a constant relu(β) > 0 once declared dead.
+
+    A gated channel is dead because its factor is 0, so it emits nothing; a BN-γ channel emits β.
+    """
     if isinstance(group.gate, (ScaleGate, BinaryGate)):
-        beta = beta * group.gate.factor()
-    return beta
+        return torch.zeros_like(mask)
+    return mask & (group.bn.bias.detach() > 0)
 
 
 def kept_channels(model: nn.Module, dead: DeadSet, exact_borders: bool = True) -> dict[str, torch.Tensor]:
@@ -116,7 +118,7 @@ def kept_channels(model: nn.Module, dead: DeadSet, exact_borders: bool = True) -
     keep = {}
     for g in model.channel_groups():
         mask = dead.channels.get(g.name, torch.zeros(g.bn.num_features, dtype=torch.bool)).clone()
-        constant = mask & (_effective_beta(g) > 0)
+        constant = _emits_constant(g, mask)
         if constant.any() and (_follower(model, g) is None or (exact_borders and not _fold_is_exact(g.consumer))):
             mask &= ~constant
         if mask.all():
@@ -299,6 +301,11 @@ def compress_run(path: str | Path, out: str | Path | None = None, *, method: str
     gated.load_state_dict(weights)
     gated.eval()
     size = input_size(config)
+    if method == "slimming" and prune_percent is None and config.target_macs is not None:
+        from .budget import resolve_target, slimming_percent_for_target
+
+        dense = spec_cost(spec, size[1:]).macs
+        prune_percent = slimming_percent_for_target(gated, spec, size[1:], resolve_target(config.target_macs, dense, "macs"))
     dead = dead_structures(gated, method, prune_percent=prune_percent)
     exact = method in EXACT_METHODS
     result = compress(gated, spec, dead, size, exact_borders=exact)
@@ -312,6 +319,6 @@ def compress_run(path: str | Path, out: str | Path | None = None, *, method: str
     card = {"source": str(run), "method": method, "params_before": before.params, "params_after": after.params,
             "macs_before": before.macs, "macs_after": after.macs, "macs_ratio": after.macs / before.macs,
             "max_logit_difference": difference, "exact": exact, "dead_channels": dead.count_channels(),
-            "dead_blocks": len(dead.blocks), "stages": specs.stage_table(result.spec)}
+            "dead_blocks": len(dead.blocks), "prune_percent": prune_percent, "stages": specs.stage_table(result.spec)}
     export(out or run / "compressed", result.spec, result.state_dict, card)
     return card

@@ -61,7 +61,8 @@ class Config:
     target_macs: float | None = None
     target_params: float | None = None
     target_epoch_fraction: float = 0.6
-    # retraining
+    # pipeline and retraining
+    sparse_epochs: int = 3
     finetune_epochs: int = 5
     finetune_lr: float = 0.01
 

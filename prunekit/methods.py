@@ -244,7 +244,8 @@ def build_method(model: nn.Module, config, input_size: tuple[int, ...]) -> Metho
         optimizers.append(ISTA([{"params": [g.bn.weight], "cost": costs[g.name]} for g in groups],
                                lr=config.lr, penalty=penalty))
     elif gates:
-        optimizers.append(APG(gates, lr=config.lr, momentum=config.gate_momentum, penalty=penalty))
+        optimizers.append(APG([{"params": [p]} for p in gates], lr=config.lr, momentum=config.gate_momentum,
+                              penalty=penalty))
     rest = [(n, p) for n, p in model.named_parameters() if id(p) not in special]
     decay = [p for n, p in rest if _is_decayed(n, p)]
     no_decay = [p for n, p in rest if not _is_decayed(n, p)]

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import spec as specs
+from .budget import budget_callbacks
 from .checkpoint import atomic_write_json, load_weights, save_weights
 from .config import Config, ConfigError
 from .data import DATASET_STATS, BatchLoader, dataset_info, load_dataset, make_loader, split_validation
@@ -133,6 +134,14 @@ def load_final(directory: Path) -> tuple[specs.Spec, GateConfig, dict, tuple[int
     return spec, gates, weights, side
 
 
+def load_into(model: torch.nn.Module, weights: dict) -> None:
+    """Load plain weights into a possibly gated model: only gate and side-head entries may be missing."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if ".gate" not in k and not k.startswith("side_head.")]
+    if missing or unexpected:
+        raise ConfigError(f"initial weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
 def train(config: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False,
           spec: specs.Spec | None = None, initial_weights: dict | None = None, log=None) -> dict:
     """Sparse- or dense-train `config` into `run_dir`; returns the final metrics and paths."""
@@ -143,11 +152,13 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, force: b
     gates = gate_config(config.method, config)
     side = side_head_position(spec) if config.method == "epsilon-resnet" else None
     model = build(spec, gates, side)
+    budget = budget_callbacks(model, spec, config, input_size(config))  # refuses impossible targets up front
     if initial_weights is not None:
-        model.load_state_dict(initial_weights)
+        load_into(model, initial_weights)
     prepare_run_dir(run_dir, config, resume=resume, force=force, is_main=ctx.is_main)
     train_loader, eval_loaders = make_loaders(config, ctx)
     parts = build_method(model, config, input_size(config))
+    parts.callbacks.extend(budget)
     trainer = Trainer(model, parts.optimizers, make_policy(config), train_loader, eval_loaders,
                       epochs=config.epochs, run_dir=run_dir, callbacks=parts.callbacks, ctx=ctx,
                       amp=config.amp, channels_last=config.channels_last,

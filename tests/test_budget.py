@@ -1,0 +1,59 @@
+import pytest
+
+from prunekit.budget import budget_callbacks, minimum_cost, projected_spec
+from prunekit.compress import compress
+from prunekit.config import ConfigError, make_config
+from prunekit.measure import count_macs, count_params, spec_cost
+from prunekit.methods import dead_structures
+from test_compress import FAMILIES, gated_model
+from test_engine import tiny_setup
+
+
+@pytest.mark.parametrize("name, size, cin", FAMILIES)
+@pytest.mark.parametrize("kind, method", [("scale", "sss"), ("binary", "binary-gate"), ("bn", "ista-bn")])
+def test_projected_cost_equals_measured_cost_of_the_compressed_model(name, size, cin, kind, method):
+    spec, model = gated_model(name, cin, kind, seed=3)
+    dead = dead_structures(model, method)
+    projected = projected_spec(model, spec, dead)
+    compressed = compress(model, spec, dead, (cin, size, size))
+    cost = spec_cost(projected, (size, size))
+    assert cost.params == count_params(compressed.model)
+    assert cost.macs == count_macs(compressed.model, (cin, size, size))
+
+
+@pytest.mark.parametrize("method", ["sss", "binary-gate", "ista-bn"])
+def test_controller_reaches_half_the_macs_and_freezes(tmp_path, method):
+    trainer = tiny_setup(tmp_path, method, epochs=4, penalty=0.05, target_macs=0.5)
+    config = make_config({"method": method, "target_macs": 0.5, "penalty": 0.05})
+    (controller,) = budget_callbacks(trainer.model, trainer.model.spec, config, (1, 8, 8))
+    controller.check_every = 1
+    trainer.callbacks.append(controller)
+    history = trainer.fit()
+    dense = spec_cost(trainer.model.spec, (8, 8)).macs
+    assert history[-1]["budget_frozen"] and history[-1]["penalty"] == 0.0
+    frozen_at = next(i for i, h in enumerate(history) if h["budget_frozen"])
+    assert frozen_at < 3, "the target must be reached by 60% of the epochs"
+    final = projected_spec(trainer.model, trainer.model.spec, dead_structures(trainer.model, method),
+                           exact_borders=method != "ista-bn")
+    assert abs(spec_cost(final, (8, 8)).macs / dense - 0.5) <= 0.02
+    dead_after_freeze = [h["dead_channels"] for h in history[frozen_at:]]
+    assert len(set(dead_after_freeze)) == 1, "the dead set stays frozen"
+
+
+def test_impossible_target_is_refused_up_front(tmp_path):
+    trainer = tiny_setup(tmp_path, "sss", epochs=1)
+    spec = trainer.model.spec
+    floor = minimum_cost(spec, (8, 8), "macs", remove_blocks=True)
+    config = make_config({"method": "sss", "target_macs": float(floor - 1)})
+    with pytest.raises(ConfigError, match=r"target_macs: .* is below the .* that sss can reach"):
+        budget_callbacks(trainer.model, spec, config, (1, 8, 8))
+    with pytest.raises(ConfigError, match="dense method prunes nothing"):
+        budget_callbacks(trainer.model, spec, make_config({"target_macs": 0.5}), (1, 8, 8))
+
+
+def test_minimum_cost_is_stem_and_head_when_blocks_can_go():
+    from prunekit.models import zoo_spec
+
+    spec = zoo_spec("resnet20", shortcut="pad", in_channels=1)
+    stem_and_head = 16 * 28 * 28 * 9 + 16 * 28 * 28 + 64 * 10
+    assert minimum_cost(spec, (28, 28), "macs", remove_blocks=True) == stem_and_head

@@ -8,9 +8,10 @@ Both wall time and this process's CPU time are recorded: with one thread, CPU ti
 costs even while other processes compete for the cores (wall time then stretches). Methods take turns
 in short rounds (the machine is noisy); the first step of every turn is dropped as warm-up. Reported:
 median step times over all rounds and the median over rounds of each per-round ratio to the dense
-model (target <= 1.10x).
+model (target <= 1.10x). Profiled epochs (3 rounds, medians) list the aten ops whose self CPU time
+per step exceeds the dense model's by more than 1 ms: where the overhead goes.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/overhead.py [--rounds 5] [--steps 10]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/overhead.py [--rounds 5] [--steps 10] [--profile-rounds 3]
 """
 from __future__ import annotations
 
@@ -77,6 +78,40 @@ def make_trainer(method: str, loader: TimedBatches) -> Trainer:
     return trainer
 
 
+def op_ms_per_step(trainer: Trainer) -> dict[str, float]:
+    """Self CPU time per training step (ms) of each aten op over one profiled epoch."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        trainer.train_epoch()
+    steps = len(trainer.train_loader)
+    return {e.key: e.self_cpu_time_total / steps / 1000 for e in prof.key_averages() if e.key.startswith("aten::")}
+
+
+def median_profiles(trainers: dict[str, Trainer], rounds: int) -> dict[str, dict[str, float]]:
+    """Per method, each op's median over `rounds` profiled epochs (methods in turn) of ms per step."""
+    samples = {m: [] for m in trainers}
+    for _ in range(rounds):
+        for method, trainer in trainers.items():
+            samples[method].append(op_ms_per_step(trainer))
+    return {m: {op: statistics.median(p.get(op, 0.0) for p in runs) for op in set().union(*runs)}
+            for m, runs in samples.items()}
+
+
+def print_extra_ops(trainers: dict[str, Trainer], threads: int, rounds: int) -> None:
+    """Markdown table of the ops that cost a method more than 1 ms per step over the dense model."""
+    profiles = median_profiles(trainers, rounds)
+    print(f"\nWhere the overhead goes ({rounds} profiled epochs per method, medians, threads={threads}): aten ops "
+          "whose self CPU time per step exceeds the dense model's by more than 1 ms.\n")
+    print("| method | threads | extra ms/step, by op | total extra ms/step |")
+    print("|---|---|---|---|")
+    for method, ops in profiles.items():
+        if method == "none":
+            continue
+        extra = {op: ms - profiles["none"].get(op, 0.0) for op, ms in ops.items()}
+        listed = sorted(((ms, op) for op, ms in extra.items() if ms > 1), reverse=True)
+        print(f"| {method} | {threads} | {', '.join(f'{op} {ms:.1f}' for ms, op in listed) or '-'} | "
+              f"{sum(extra.values()):.1f} |")
+
+
 CLOCKS = ("wall", "cpu")
 
 
@@ -85,6 +120,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--profile-rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
     threads = torch.get_num_threads()
@@ -116,6 +152,7 @@ def main():
         print(f"| {m} | {threads} | {statistics.median(times[m, 'wall']):.1f} | {statistics.median(times[m, 'cpu']):.1f} "
               f"| {wall:.3f}x | {cpu:.3f}x ({min(ratios[m, 'cpu']):.3f}-{max(ratios[m, 'cpu']):.3f}) | "
               f"{'yes' if cpu <= 1.10 else 'NO'} |")
+    print_extra_ops(trainers, threads, args.profile_rounds)
 
 
 if __name__ == "__main__":

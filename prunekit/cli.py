@@ -1,4 +1,4 @@
-"""`prunekit` command line: train, eval, info, compress, run."""
+"""`prunekit` command line: train, eval, info, compress, finetune, scratch, report, export, run."""
 from __future__ import annotations
 
 import argparse
@@ -35,9 +35,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=f.name, type=cast, default=None, help=OPTION_HELP.get(f.name))
 
 
-def _config(args) -> Config:
+def _config(args, defaults: dict | None = None) -> Config:
     overrides = {f.name: getattr(args, f.name) for f in fields(Config)}
-    return resolve(args.recipe, overrides)
+    return resolve(args.recipe, overrides, defaults)
 
 
 def cmd_train(args) -> int:
@@ -91,9 +91,51 @@ def cmd_compress(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import run_pipeline
+    from .pipeline import MAIN_JOB, run_pipeline
 
-    run_pipeline(_config(args), args.out, resume=args.resume, force=args.force)
+    run_pipeline(_config(args, MAIN_JOB), args.out, resume=args.resume, force=args.force)
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from .protocols import finetune
+
+    result = finetune(args.path, _config(args), args.out, resume=args.resume, force=args.force)
+    print(f"fine-tuned {args.out}: test accuracy {result['history'][-1]['test_acc']:.4f}")
+    return 0
+
+
+def cmd_scratch(args) -> int:
+    from .protocols import scratch
+
+    result = scratch(args.path, _config(args), args.out, budget=args.budget, resume=args.resume, force=args.force)
+    print(f"scratch-{args.budget} {args.out}: {result['history'][-1]['epoch']} epochs, "
+          f"test accuracy {result['history'][-1]['test_acc']:.4f}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(write_report(args.paths, args.out))
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from .compress import load_any
+
+    model, spec = load_any(args.path)
+    try:
+        import onnx  # noqa: F401  (torch.onnx needs it to write the file)
+    except ImportError:
+        raise ConfigError("ONNX export needs the onnx package: pip install 'prunekit[onnx]'") from None
+    size = (spec.in_channels, args.image_size, args.image_size)
+    torch.onnx.export(model.eval(), torch.zeros(1, *size), args.onnx, input_names=["images"],
+                      output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                      dynamo=False)
+    print(args.onnx)
     return 0
 
 
@@ -134,7 +176,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("run", help="the whole pipeline: sparse-train, compress, fine-tune, report")
+    for name, func, text in (("finetune", cmd_finetune, "fine-tune a compressed export"),
+                             ("scratch", cmd_scratch, "train a pruned spec from scratch (scratch-E or scratch-B)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("path", help="compressed export directory (or, for scratch, a spec .json)")
+        _add_config_options(p)
+        p.add_argument("--out", required=True)
+        p.add_argument("--resume", action="store_true")
+        p.add_argument("--force", action="store_true")
+        if name == "scratch":
+            p.add_argument("--budget", choices=("E", "B"), default="E", help="same epochs (E) or same compute (B)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("report", help="Markdown table and PNG plots for pipeline or training runs")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--out", default="report")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="export a model to ONNX")
+    p.add_argument("path", help="compressed export or run directory")
+    p.add_argument("--onnx", required=True, help="output .onnx file")
+    p.add_argument("--image-size", type=int, default=28)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("run", help="the main job: dense → sparse to a budget → compress → fine-tune → report")
     _add_config_options(p)
     p.add_argument("--out", default="runs/main", help="pipeline directory")
     p.add_argument("--resume", action="store_true")
@@ -146,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; known errors become one line on stderr and exit status 2."""
     from .checkpoint import CheckpointError
+    from .compress import CompressionError
     from .data import DataError
     from .engine import TrainingError
     from .runner import RunDirError
@@ -153,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, specs.SpecError, DataError, CheckpointError, TrainingError, RunDirError) as exc:
+    except (ConfigError, specs.SpecError, DataError, CheckpointError, TrainingError, RunDirError,
+            CompressionError) as exc:
         print(f"prunekit {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

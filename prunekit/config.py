@@ -151,10 +151,10 @@ def load_recipe(path: str | Path) -> dict:
     return data
 
 
-def resolve(recipe: str | Path | None, overrides: dict) -> Config:
-    """Recipe values, then command-line overrides (those not None) on top."""
+def resolve(recipe: str | Path | None, overrides: dict, defaults: dict | None = None) -> Config:
+    """`defaults`, then the recipe's values, then command-line overrides (those not None) on top."""
     values = load_recipe(recipe) if recipe else {}
     source = str(recipe) if recipe else "options"
     make_config(values, source)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values = {**(defaults or {}), **values, **{k: v for k, v in overrides.items() if v is not None}}
     return make_config(values, source)

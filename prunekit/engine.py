@@ -147,6 +147,8 @@ class Trainer:
         self.model.train()
         self.train_loader.set_epoch(self.epoch)
         steps = len(self.train_loader)
+        if steps == 0:
+            raise TrainingError("the training set is smaller than one batch; lower the batch size or use more data")
         loss_sum = correct = seen = 0.0
         start = time.perf_counter()
         batches = self.train_loader

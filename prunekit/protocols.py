@@ -23,7 +23,6 @@ from .config import Config
 from .distributed import DistContext, pick_device
 from .engine import Trainer
 from .measure import spec_cost
-from .pipeline import finetune_config
 from .runner import input_size, make_loaders, model_spec, train
 from .schedule import LRPolicy
 
@@ -60,10 +59,18 @@ def scratch_b_schedule(epochs: int, milestones: list[float] | None, ratio: float
     return new_epochs, scaled
 
 
+def finetune_config(config: Config) -> Config:
+    """Fine-tuning: no sparsity, the fine-tune LR and epochs, cosine decay."""
+    return dataclasses.replace(config, method="none", epochs=config.finetune_epochs, lr=config.finetune_lr,
+                               schedule="cosine", warmup_epochs=0.0, penalty=None, target_macs=None,
+                               target_params=None)
+
+
 def scratch_e_config(config: Config) -> Config:
     """Scratch-E: a dense run of the original length with a step schedule (decays at 50%/75% if none given)."""
     milestones = config.milestones or [float(math.floor(config.epochs * f)) for f in DEFAULT_DECAY_FRACTIONS]
-    return dataclasses.replace(config, method="none", penalty=None, schedule="step", milestones=list(milestones))
+    return dataclasses.replace(config, method="none", penalty=None, schedule="step", milestones=list(milestones),
+                               target_macs=None, target_params=None)
 
 
 def scratch_b_config(config: Config, ratio: float, *, rounding: str = "int", cap: int | None = None,
@@ -72,6 +79,7 @@ def scratch_b_config(config: Config, ratio: float, *, rounding: str = "int", cap
     epochs, milestones = scratch_b_schedule(config.epochs, config.milestones or None, ratio,
                                             rounding=rounding, cap=cap, cap_step=cap_step)
     return dataclasses.replace(config, method="none", penalty=None, schedule="step", epochs=epochs,
+                               target_macs=None, target_params=None,
                                milestones=[float(m) for m in milestones])
 
 

@@ -1,0 +1,31 @@
+"""`prunekit run` end to end on tiny data, and `prunekit report` on its output."""
+import json
+import struct
+
+from prunekit.cli import main
+
+
+def test_run_then_report(tmp_path, tiny_fmnist):
+    out = tmp_path / "main"
+    assert main(["run", "--data-dir", str(tiny_fmnist), "--epochs", "1", "--sparse-epochs", "2",
+                 "--finetune-epochs", "1", "--batch-size", "16", "--lr", "0.05", "--out", str(out)]) == 0
+    for part in ("dense", "sparse", "compressed", "finetune"):
+        assert (out / part).is_dir()
+    row = json.loads((out / "result.json").read_text())
+    for key in ("dense_acc", "sparse_acc", "compressed_acc", "final_acc", "params_dense", "params_final",
+                "macs_dense", "macs_final", "latency_ms_b64_dense", "latency_ms_b64_final"):
+        assert key in row, key
+    assert abs(row["macs_final"] / row["macs_dense"] - 0.5) <= 0.02
+    assert row["max_logit_difference"] < 1e-3
+    table = (out / "report.md").read_text().splitlines()
+    assert table[0].startswith("| method | model | dense acc | sparse acc | compressed acc | final acc")
+    report = tmp_path / "report"
+    assert main(["report", str(out), "--out", str(report)]) == 0
+    pngs = sorted(report.glob("*.png"))
+    assert {p.name for p in pngs} >= {"curves.png", "structure.png", "accuracy-vs-macs.png"}
+    for png in pngs:
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        width, height = struct.unpack(">II", data[16:24])
+        assert width >= 400 and height >= 300
+    assert "| sss | resnet20 |" in (report / "report.md").read_text()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
@@ -109,7 +110,6 @@ def prepare_run_dir(run_dir: Path, config: Config, *, resume: bool, force: bool,
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if force and (run_dir / "checkpoints").exists() and not resume:
-            import shutil
             shutil.rmtree(run_dir / "checkpoints")
         atomic_write_json(record, {"config": config.to_dict(), "environment": environment()})
 

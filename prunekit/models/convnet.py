@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..gates import GateConfig
+from ..gates import GateConfig, gated_batch_norm
 from ..spec import ConvNetSpec
 from .resnet import ChannelGroup, _init_weights
 
@@ -23,7 +23,7 @@ class ConvLayer(nn.Module):
         self.pool = POOL_LAYERS[layer.pool]() if layer.pool else nn.Identity()
 
     def forward(self, x):
-        return self.pool(F.relu(self.gate(self.bn(self.conv(x)))))
+        return self.pool(F.relu(gated_batch_norm(self.bn, self.gate, self.conv(x))))
 
 
 class ConvNet(nn.Module):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..gates import GateConfig
+from ..gates import GateConfig, gated_batch_norm
 from ..spec import BlockSpec, ResNetSpec
 
 
@@ -75,17 +75,17 @@ class ResidualBlock(nn.Module):
         elif spec.shortcut == "pad":
             self.downsample = ZeroPadShortcut(in_channels, spec.out, spec.stride)
 
-    def branch(self, x, pre=None):
-        """The residual function F(x), ungated (pre-activated input `pre` for pre-activation)."""
+    def gated_branch(self, x, pre=None):
+        """The residual function F(x) times its block gate (pre-activated input `pre` for pre-activation)."""
         out = pre if self.preact else x
         for i in range(1, self.num_convs + 1):
             out = getattr(self, f"conv{i}")(out)
             if i < self.num_convs:
-                out = getattr(self, f"bn{i + 1 if self.preact else i}")(out)
-                out = F.relu(getattr(self, f"gate{i}")(out))
+                bn = getattr(self, f"bn{i + 1 if self.preact else i}")
+                out = F.relu(gated_batch_norm(bn, getattr(self, f"gate{i}"), out))
             elif not self.preact:
-                out = getattr(self, f"bn{i}")(out)
-        return out
+                return gated_batch_norm(getattr(self, f"bn{i}"), self.gate, out)
+        return self.gate(out)
 
     def forward(self, x):
         pre = F.relu(self.bn1(x)) if hasattr(self, "bn1") and self.preact else None
@@ -95,7 +95,7 @@ class ResidualBlock(nn.Module):
             shortcut = self.downsample(pre)
         else:
             shortcut = self.downsample(x)
-        out = shortcut if not self.spec.has_branch else self.gate(self.branch(x, pre)) + shortcut
+        out = shortcut if not self.spec.has_branch else self.gated_branch(x, pre) + shortcut
         return out if self.preact else F.relu(out)
 
     def channel_groups(self, prefix: str) -> list[ChannelGroup]:

@@ -156,3 +156,17 @@ def test_weights_that_do_not_fit_the_spec_are_refused(tmp_path):
     S.save(smaller, tmp_path / "e" / "spec.json")
     with pytest.raises(S.SpecError, match="model.safetensors: weights do not fit spec.json"):
         load(tmp_path / "e")
+
+
+def test_onnx_export_of_a_compressed_model(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from prunekit.cli import main
+
+    spec, model = gated_model("resnet20", 1, "scale", "first-block")
+    result, _ = check_equivalent(spec, model, "scale", 28, 1)
+    export(tmp_path / "e", result.spec, result.state_dict, {})
+    assert main(["export", str(tmp_path / "e"), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    graph = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(graph)
+    convs = [n for n in graph.graph.node if n.op_type == "Conv"]
+    assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in result.model.modules())

@@ -288,8 +288,11 @@ def print_limits(rows: list[dict]) -> None:
     print("\nReading: channel cuts keep every layer and every full-width block output, so the fixed per-layer cost "
           "(layers ÷ MACs well below 1) and the BatchNorm/ReLU/add work on block outputs (elements ÷ MACs) do not "
           "shrink with MACs, and narrow convs (a few to a few dozen channels) run fewer MACs/s in the CPU conv "
-          "kernels (conv time ÷ conv MACs < 1). Block cuts remove whole layers with their activations, so all "
-          "parts shrink roughly with MACs.")
+          "kernels (conv time ÷ conv MACs < 1). Block cuts keep full-width convs and remove whole layers with their "
+          "activations, so they follow MACs as far as the removed blocks carry activations and layers in proportion "
+          "to their MACs: ResNet-20's blocks all cost the same MACs, but a low-resolution block carries fewer "
+          "activation elements and the same per-layer fixed cost, so removing those lags (elements or layers ÷ MACs "
+          "below 1).")
 
 
 def main():

@@ -42,6 +42,9 @@ def atomic_write(path: str | Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as exc:  # e.g. a full disk: name the file meant, not the temporary
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -86,6 +89,10 @@ def save_checkpoint(run_dir: str | Path, epoch: int, model_state: dict, state: d
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
+    except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = " ".join((getattr(exc, "strerror", None) or str(exc)).split())[:200]
+        raise CheckpointError(f"{final}: cannot be written ({reason}); the previous checkpoint is intact") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -94,6 +101,15 @@ def save_checkpoint(run_dir: str | Path, epoch: int, model_state: dict, state: d
     for p in old[:max(len(old) - (keep - 1), 0)]:
         shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def remove_partial_writes(run_dir: str | Path) -> None:
+    """Delete the temporaries of writes a killed process never finished (they are never read)."""
+    run_dir = Path(run_dir)
+    for partial in (run_dir / "checkpoints").glob(".epoch-*"):
+        shutil.rmtree(partial, ignore_errors=True)
+    for partial in run_dir.rglob(".*.tmp"):
+        partial.unlink(missing_ok=True)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

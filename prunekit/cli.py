@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
             CompressionError) as exc:
         print(f"prunekit {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk or a permission problem: the file and the reason
+        print(f"prunekit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"prunekit {args.command}: interrupted; resume with --resume", file=sys.stderr)
         return 130

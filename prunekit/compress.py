@@ -258,13 +258,17 @@ def load(directory: str | Path) -> nn.Module:
     directory = Path(directory)
     spec = specs.load(directory / "spec.json")
     model = build(spec)
-    weights = load_weights(directory / "model.safetensors")
+    load_fitting(model, load_weights(directory / "model.safetensors"), directory / "model.safetensors")
+    return model.eval()
+
+
+def load_fitting(model: nn.Module, weights: dict, source: Path) -> None:
+    """`load_state_dict(strict=True)`, with weights that do not fit the spec named as a SpecError."""
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         first = " ".join(str(exc).split())[:300]
-        raise specs.SpecError(f"{directory / 'model.safetensors'}: weights do not fit spec.json ({first})") from None
-    return model.eval()
+        raise specs.SpecError(f"{source}: weights do not fit spec.json ({first})") from None
 
 
 def load_any(path: str | Path) -> tuple[nn.Module, specs.Spec]:
@@ -277,10 +281,21 @@ def load_any(path: str | Path) -> tuple[nn.Module, specs.Spec]:
     if (path / "gates.json").exists():
         spec, gates, weights, side = load_final(path)
         model = build(spec, gates, side)
-        model.load_state_dict(weights)
+        load_fitting(model, weights, path / "model.safetensors")
         return model.eval(), spec
     model = load(path)
     return model, specs.load(path / "spec.json")
+
+
+def entirely_dead(model: nn.Module, dead: DeadSet) -> str | None:
+    """Which kind of structure the selection rule found dead everywhere (nothing learned would be left), or None."""
+    groups = [g.name for g in model.channel_groups() if g.name in dead.channels]
+    if groups and all(bool(dead.channels[name].all()) for name in groups):
+        return f"every channel of every group ({', '.join(groups[:3])}{', ...' if len(groups) > 3 else ''})"
+    branches = [(s, b) for s, b, block in getattr(model, "residual_blocks", lambda: [])() if block.spec.has_branch]
+    if branches and all(branch in dead.blocks for branch in branches):
+        return f"every residual branch ({len(branches)} of them)"
+    return None
 
 
 def compress_run(path: str | Path, out: str | Path | None = None, *, method: str | None = None,
@@ -296,9 +311,10 @@ def compress_run(path: str | Path, out: str | Path | None = None, *, method: str
     config = make_config({**recorded, **{k: v for k, v in {"data": data, "data_dir": data_dir}.items() if v}})
     method = method or config.method
     prune_percent = prune_percent if prune_percent is not None else config.prune_percent
-    spec, gates, weights, side = load_final(run / "final" if (run / "final").is_dir() else run)
+    saved = run / "final" if (run / "final").is_dir() else run
+    spec, gates, weights, side = load_final(saved)
     gated = build(spec, gates, side)
-    gated.load_state_dict(weights)
+    load_fitting(gated, weights, saved / "model.safetensors")
     gated.eval()
     size = input_size(config)
     if method == "slimming" and prune_percent is None and config.target_macs is not None:
@@ -307,6 +323,10 @@ def compress_run(path: str | Path, out: str | Path | None = None, *, method: str
         dense = spec_cost(spec, size[1:]).macs
         prune_percent = slimming_percent_for_target(gated, spec, size[1:], resolve_target(config.target_macs, dense, "macs"))
     dead = dead_structures(gated, method, prune_percent=prune_percent)
+    everything = entirely_dead(gated, dead)
+    if everything:
+        raise CompressionError(f"{run}: {everything} is dead: the penalty diverged; train again with a lower "
+                               f"--penalty (or a larger budget)")
     exact = method in EXACT_METHODS
     result = compress(gated, spec, dead, size, exact_borders=exact)
     if batch is None:

@@ -106,6 +106,8 @@ def _check_type(value, hint, where: str):
         _, item = typing.get_args(hint)
         return {str(k): _check_type(v, item, f"{where}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > 2**1023:  # float() would raise OverflowError
+            raise ConfigError(f"{where}: {value} is too large for a float")
         return float(value)
     if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}")

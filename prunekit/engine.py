@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistContext, all_reduce_sum
 from .schedule import LRPolicy
 
@@ -95,9 +95,9 @@ class Trainer:
                 "history": self.history, "scaler": self.scaler.state_dict(), "rng": torch.get_rng_state(),
                 "skipped_steps": self.skipped_steps}
 
-    def load_state(self, weights: dict, state: dict) -> None:
-        self.model.load_state_dict(weights)
-        for opt, s in zip(self.optimizers, state["optimizers"]):
+    def load_state(self, state: dict) -> None:
+        """Restore what `state()` saved; the weights are loaded separately."""
+        for opt, s in zip(self.optimizers, state["optimizers"], strict=True):  # a state of another run fails here
             opt.load_state_dict(s)
         self.policy.load_state_dict(state["policy"])
         for cb, s in zip(self.callbacks, state["callbacks"]):
@@ -113,7 +113,15 @@ class Trainer:
         path = latest_checkpoint(self.run_dir) if self.run_dir else None
         if path is None:
             return False
-        self.load_state(*load_checkpoint(path))
+        weights, state = load_checkpoint(path)
+        try:
+            self.model.load_state_dict(weights)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path / 'model.safetensors'}: does not fit this model ({_one_line(exc)})") from None
+        try:
+            self.load_state(state)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{path / 'state.pt'}: does not fit this run ({_one_line(exc)})") from None
         self.log(f"resumed from {path} (epoch {self.epoch} of {self.epochs})")
         return True
 
@@ -236,6 +244,11 @@ class Trainer:
             if self.ctx.is_main:
                 self.log(format_metrics(metrics))
         return self.history
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception's text on one line, shortened, for a message that names a file."""
+    return " ".join(str(error).split())[:200] or type(error).__name__
 
 
 def _json_line(metrics: dict) -> str:

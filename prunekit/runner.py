@@ -19,7 +19,7 @@ import torch
 
 from . import spec as specs
 from .budget import budget_callbacks
-from .checkpoint import atomic_write_json, load_weights, save_weights
+from .checkpoint import atomic_write_json, load_weights, remove_partial_writes, save_weights
 from .config import Config, ConfigError
 from .data import DATASET_STATS, BatchLoader, dataset_info, load_dataset, make_loader, split_validation
 from .distributed import DistContext, init_distributed
@@ -111,6 +111,8 @@ def prepare_run_dir(run_dir: Path, config: Config, *, resume: bool, force: bool,
         run_dir.mkdir(parents=True, exist_ok=True)
         if force and (run_dir / "checkpoints").exists() and not resume:
             shutil.rmtree(run_dir / "checkpoints")
+        if resume:
+            remove_partial_writes(run_dir)
         atomic_write_json(record, {"config": config.to_dict(), "environment": environment()})
 
 
@@ -155,8 +157,8 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, force: b
     budget = budget_callbacks(model, spec, config, input_size(config))  # refuses impossible targets up front
     if initial_weights is not None:
         load_into(model, initial_weights)
+    train_loader, eval_loaders = make_loaders(config, ctx)  # bad data is refused before the run directory is touched
     prepare_run_dir(run_dir, config, resume=resume, force=force, is_main=ctx.is_main)
-    train_loader, eval_loaders = make_loaders(config, ctx)
     parts = build_method(model, config, input_size(config))
     parts.callbacks.extend(budget)
     trainer = Trainer(model, parts.optimizers, make_policy(config), train_loader, eval_loaders,

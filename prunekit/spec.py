@@ -12,6 +12,7 @@ from pathlib import Path
 
 MAX_WIDTH = 65536
 MAX_LAYERS = 4096
+MAX_PARAMS = 10**9  # 4 GB of float32 weights, several times the largest ImageNet network
 SHORTCUTS = ("identity", "conv", "pad")
 BLOCK_TYPES = ("basic", "bottleneck")
 POOLS = (None, "max2", "max3s2")
@@ -207,6 +208,11 @@ def from_dict(data) -> Spec:
     else:
         raise SpecError(f"spec.family: must be 'resnet' or 'convnet', got {family!r}")
     validate(spec)
+    from .measure import spec_cost  # measure imports this module
+
+    params = spec_cost(spec, (32, 32)).params
+    if params > MAX_PARAMS:  # refused before building would try to allocate it
+        raise SpecError(f"spec: describes {params:,} parameters, more than {MAX_PARAMS:,}; is a width mistyped?")
     return spec
 
 

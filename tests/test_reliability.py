@@ -1,0 +1,675 @@
+"""The promises of README "Guarantees", checked end to end on tiny Fashion-MNIST-format data.
+
+1. A kill at any moment loses at most the current epoch, and `--resume` ends with the same weights.
+2. Bad input gives one line naming the file or field, exit status 2, and touches nothing written.
+3. Loading never executes code (the CIFAR unpickler's own test is
+   tests/test_data.py::test_cifar_malicious_pickle_is_refused).
+4. Numerical faults are reported, never exported silently.
+5. The same seed and recipe give the same metrics, and a run records what produced it.
+
+Trainings use a two-stage ResNet small enough that importing torch is most of a subprocess's time,
+and one thread everywhere, so that killed subprocesses and in-process resumes compute bit-identically.
+"""
+import copy
+import errno
+import gzip
+import io
+import json
+import os
+import pickle
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+import prunekit
+from prunekit import checkpoint
+from prunekit import spec as specs
+from prunekit.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from prunekit.cli import main
+from prunekit.compress import export
+from prunekit.config import Config, ConfigError, make_config
+from prunekit.models import build
+
+TINY_SPEC = {"family": "resnet", "block": "basic", "stem": 8, "in_channels": 1, "num_classes": 10,
+             "stages": [[{"inner": [8], "out": 8}, {"inner": [8], "out": 8}],
+                        [{"inner": [16], "out": 16, "stride": 2, "shortcut": "conv"}]]}
+OTHER_SPEC = {**TINY_SPEC, "stem": 4,
+              "stages": [[{"inner": [4], "out": 4}], [{"inner": [8], "out": 8, "stride": 2, "shortcut": "conv"}]]}
+EPOCHS = 3
+TIMING_FIELDS = ("train_images_per_s", "epoch_time_s")
+INTERRUPTED = "prunekit train: interrupted; resume with --resume"
+
+
+# --- runs ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Match the subprocesses' OMP_NUM_THREADS=1, so in-process and subprocess arithmetic agree."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def spec_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("specs") / "tiny.json"
+    path.write_text(json.dumps(TINY_SPEC))
+    return path
+
+
+@pytest.fixture(scope="module")
+def train_args(spec_file, tiny_fmnist):
+    """`prunekit train` arguments for the tiny run into `out`, with `extra` flags appended."""
+    def args(out, *extra):
+        return ["train", "--model", spec_file, "--epochs", EPOCHS, "--batch-size", 16, "--data-dir", tiny_fmnist,
+                "--out", out, *extra]
+    return args
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def reference(one_thread, train_args, tmp_path_factory):
+    """An uninterrupted run, the yardstick for every resumed one."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert run_cli(*train_args(out)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def diverged(one_thread, train_args, tmp_path_factory):
+    """An SSS run whose penalty is so strong that every gate reaches zero."""
+    out = tmp_path_factory.mktemp("diverged") / "run"
+    assert run_cli(*train_args(out), "--epochs", 2, "--method", "sss", "--penalty", 1000, "--schedule", "constant") == 0
+    return out
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / run.name))
+
+
+def metrics_of(run: Path) -> list[dict]:
+    """metrics.jsonl without the timing fields, which no two runs share."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS} for line in lines]
+
+
+def files_of(directory: Path) -> dict:
+    """Every file under `directory` with its bytes, to show that a refused command wrote nothing."""
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def assert_sound_run_dir(run: Path, epochs: int = EPOCHS) -> None:
+    """Every file is complete and parses, one metrics line per epoch, no temporaries left behind."""
+    for path in sorted(run.rglob("*")):
+        assert not path.name.startswith("."), f"left-over temporary {path}"
+        if path.is_dir():
+            continue
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".safetensors":
+            load_file(path)
+        elif path.name == "state.pt":
+            torch.load(path, map_location="cpu", weights_only=True)
+        elif path.name != "latest" and path.name != "metrics.jsonl":
+            raise AssertionError(f"unexpected file {path}")
+    epochs_logged = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs_logged == list(range(1, epochs + 1))
+    assert latest_checkpoint(run).name == f"epoch-{epochs:04d}"
+    assert load_checkpoint(latest_checkpoint(run))[1]["epoch"] == epochs
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    """Bit-identical final weights and the same metrics as the reference run."""
+    final = load_file(run / "final" / "model.safetensors")
+    expected = load_file(reference / "final" / "model.safetensors")
+    assert final.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(final[name], expected[name]), name
+    assert metrics_of(run) == metrics_of(reference)
+
+
+def latest_epoch(run: Path) -> int:
+    """Epochs a resume would keep: those of the checkpoint `latest` names (0 without one)."""
+    path = latest_checkpoint(run) if run.exists() else None
+    return load_checkpoint(path)[1]["epoch"] if path else 0
+
+
+# --- 1. a kill at any moment -----------------------------------------------------------------
+
+FAULT_DRIVER = r'''
+"""`prunekit` with the fault named by PRUNEKIT_FAULT injected (see tests/test_reliability.py)."""
+import io
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from prunekit import engine
+from prunekit.cli import main
+
+kind, _, where = os.environ.get("PRUNEKIT_FAULT", "").partition(":")
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if kind == "kill-before-rename":  # NAME@K: die just before the K-th rename onto a file or folder NAME
+    name, count = where.split("@")
+    renamed, real_replace = [], os.replace
+
+    def replace(source, destination):
+        if Path(destination).name == name:
+            renamed.append(destination)
+            if len(renamed) == int(count):
+                die()
+        real_replace(source, destination)
+
+    os.replace = replace  # prunekit.checkpoint renames through os.replace
+elif kind == "kill-mid-write":  # E: die with half of epoch E's state.pt written
+    real_save = torch.save
+
+    def save(obj, path, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch") == int(where):
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            with open(path, "wb") as f:
+                f.write(buffer.getvalue()[: buffer.tell() // 2])
+                f.flush()
+                os.fsync(f.fileno())
+            die()
+        real_save(obj, path, *args, **kwargs)
+
+    torch.save = save
+elif kind == "stall-in-epoch":  # E: touch $PRUNEKIT_STALLED at the start of epoch E and wait there
+    real_train_epoch = engine.Trainer.train_epoch
+
+    def train_epoch(self):
+        if self.epoch + 1 == int(where):
+            Path(os.environ["PRUNEKIT_STALLED"]).touch()
+            time.sleep(120)
+        return real_train_epoch(self)
+
+    engine.Trainer.train_epoch = train_epoch
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.fixture
+def start(tmp_path):
+    """Start `prunekit ARGS` (through the fault driver) with output to files in tmp_path; killed if left running."""
+    processes = []
+
+    def launch(args: list, fault: str = "", **env) -> subprocess.Popen:
+        driver = tmp_path / "driver.py"
+        driver.write_text(FAULT_DRIVER)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNEKIT_FAULT": fault, **env}
+        with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+            processes.append(subprocess.Popen([sys.executable, driver, *map(str, args)], env=env, stdout=stdout,
+                                              stderr=stderr))
+        return processes[-1]
+
+    yield launch
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 60.0) -> bool:
+    """Poll every 2 ms until `condition()` holds (True) or the process ends (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, "timed out waiting for the subprocess"
+        time.sleep(0.002)
+    return True
+
+
+@pytest.mark.parametrize("fault, epochs_kept", [
+    ("kill-before-rename:epoch-0001@1", 0),  # first checkpoint complete, still under its temporary name
+    ("kill-before-rename:latest@2", 1),  # epoch-0002 in place, `latest` still names epoch-0001
+    ("kill-before-rename:metrics.jsonl@2", 2),  # `latest` moved on, metrics.jsonl not yet rewritten
+    ("kill-before-rename:model.safetensors@1", 3),  # training done, final/ half written
+    ("kill-mid-write:2", 1),  # half of epoch 2's state.pt on disk
+])
+def test_killed_while_writing_then_resumed_equals_an_uninterrupted_run(start, tmp_path, train_args, reference,
+                                                                      fault, epochs_kept):
+    out = tmp_path / "run"
+    process = start(train_args(out), fault)
+    assert process.wait(timeout=60) == -signal.SIGKILL, (tmp_path / "stderr").read_text()
+    assert latest_epoch(out) == epochs_kept
+    assert run_cli(*train_args(out), "--resume") == 0
+    assert_sound_run_dir(out)
+    assert_same_run(out, reference)
+
+
+def test_killed_right_after_the_first_checkpoint_then_resumed(start, tmp_path, train_args, reference):
+    out = tmp_path / "run"
+    process = start(train_args(out))
+    wait_for((out / "checkpoints" / "latest").exists, process)
+    process.kill()
+    process.wait(timeout=60)
+    assert latest_epoch(out) >= 1
+    assert run_cli(*train_args(out), "--resume") == 0
+    assert_sound_run_dir(out)
+    assert_same_run(out, reference)
+
+
+@pytest.mark.parametrize("seed", [1, 5])
+def test_killed_at_a_random_time_then_resumed(start, tmp_path, train_args, reference, seed):
+    out = tmp_path / "run"
+    delay = random.Random(seed).uniform(0.0, 2.0)  # training takes about 2 s after config.json appears
+    process = start(train_args(out))
+    if wait_for((out / "config.json").exists, process):
+        time.sleep(delay)
+        process.kill()
+    process.wait(timeout=60)
+    assert run_cli(*train_args(out), "--resume") == 0, f"killed {delay:.3f} s into training"
+    assert_sound_run_dir(out)
+    assert_same_run(out, reference)
+
+
+def test_ctrl_c_says_how_to_resume_and_keeps_the_last_finished_epoch(start, tmp_path, train_args, reference):
+    out, stalled = tmp_path / "run", tmp_path / "stalled"
+    process = start(train_args(out), "stall-in-epoch:2", PRUNEKIT_STALLED=str(stalled))
+    assert wait_for(stalled.exists, process), (tmp_path / "stderr").read_text()
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    assert (tmp_path / "stderr").read_text().splitlines() == [INTERRUPTED]
+    assert latest_checkpoint(out).name == "epoch-0001" and latest_epoch(out) == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert run_cli(*train_args(out), "--resume") == 0
+    assert_sound_run_dir(out)
+    assert_same_run(out, reference)
+
+
+# --- 2. bad input ----------------------------------------------------------------------------
+
+
+def assert_refused(capsys, args: list, *fragments, untouched: Path | None = None) -> str:
+    """Exit status 2, one line on stderr holding every fragment, and no file under `untouched` changed."""
+    before = files_of(untouched) if untouched else None
+    capsys.readouterr()
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"prunekit {args[0]}: error: "), err
+    for fragment in fragments:
+        assert str(fragment) in lines[0], err
+    if untouched:
+        assert files_of(untouched) == before
+    return lines[0]
+
+
+def test_missing_dataset_directory_writes_nothing(tmp_path, capsys, train_args, reference):
+    missing = tmp_path / "nowhere"
+    out = tmp_path / "fresh"
+    assert_refused(capsys, [*train_args(out), "--data-dir", missing], missing, "dataset directory not found")
+    assert not out.exists()
+    run = copy_run(reference, tmp_path)
+    assert_refused(capsys, [*train_args(run), "--data-dir", missing, "--force"], missing, untouched=run)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda raw: raw[: len(raw) // 2], "corrupt gzip file"),
+    (lambda raw: gzip.compress(gzip.decompress(raw)[:-100]), "truncated idx file"),
+    (lambda raw: b"not gzip at all", "corrupt gzip file"),
+])
+def test_corrupt_dataset_files_are_named(tmp_path, capsys, train_args, tiny_fmnist, corrupt, message):
+    data = Path(shutil.copytree(tiny_fmnist, tmp_path / "data"))
+    bad = data / "train-images-idx3-ubyte.gz"
+    bad.write_bytes(corrupt(bad.read_bytes()))
+    out = tmp_path / "run"
+    assert_refused(capsys, [*train_args(out), "--data-dir", data], bad, message)
+    assert not out.exists()
+
+
+def with_block(**changes) -> dict:
+    """TINY_SPEC with fields of its first block changed."""
+    spec = copy.deepcopy(TINY_SPEC)
+    spec["stages"][0][0].update(changes)
+    return spec
+
+
+BAD_SPECS = {
+    "negative width": (with_block(inner=[-8]), "spec.stages[0][0].inner[0]: width must be between 1"),
+    "zero width": ({**TINY_SPEC, "stem": 0}, "spec.stem: width must be between 1"),
+    "a billion channels": (with_block(out=10**9), "spec.stages[0][0].out: width must be between 1"),
+    "154 GB of weights": ({"family": "convnet", "in_channels": 1, "layers": [{"width": 65536}, {"width": 65536}]},
+                             "parameters"),
+    "unknown block type": ({**TINY_SPEC, "block": "wide"}, "spec.block: must be one of"),
+    "string for a width": ({**TINY_SPEC, "stem": "8"}, "spec.stem: expected int, got str"),
+    "mapping for stages": ({**TINY_SPEC, "stages": {}}, "spec.stages: expected list, got dict"),
+    "boolean for a width": (with_block(out=True), "spec.stages[0][0].out: expected int, got a boolean"),
+    "missing stages": ({k: v for k, v in TINY_SPEC.items() if k != "stages"}, "spec.stages: required"),
+    "not a mapping": ([TINY_SPEC], "spec: expected dict, got list"),
+}
+
+
+@pytest.mark.parametrize("command", ["info", "train"])
+@pytest.mark.parametrize("case", BAD_SPECS)
+def test_bad_specs_are_refused_fast(tmp_path, capsys, train_args, command, case):
+    content, message = BAD_SPECS[case]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(content))
+    out = tmp_path / "run"
+    args = ["info", bad] if command == "info" else [*train_args(out), "--model", bad]
+    start_time = time.perf_counter()
+    assert_refused(capsys, args, bad, message)
+    assert time.perf_counter() - start_time < 5, "refused only after building the network"
+    assert not out.exists()
+
+
+def test_unreadable_spec_file_is_named(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"family": "resnet", ')
+    assert_refused(capsys, ["info", bad], bad, "not a readable JSON spec")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("batchsize: 16\n", "unknown key 'batchsize'; did you mean 'batch_size'?"),
+    ("penality: 0.1\n", "unknown key 'penality'; did you mean 'penalty'?"),
+    ("epochs: 2.5\n", "epochs: expected int, got float 2.5"),
+    ("milestones: 3\n", "milestones: expected a list, got int"),
+    ("on_nan: ignore\n", "on_nan must be one of ('stop', 'skip'), got 'ignore'"),
+])
+def test_bad_recipes_name_the_file_and_field(tmp_path, capsys, train_args, content, message):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(content)
+    out = tmp_path / "run"
+    assert_refused(capsys, [*train_args(out), "--recipe", recipe], recipe, message)
+    assert not out.exists()
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def weights_of_another_spec(path: Path) -> None:
+    save_file(build(specs.from_dict(OTHER_SPEC)).state_dict(), path)
+
+
+@pytest.mark.parametrize("file, damage, message", [
+    ("state.pt", truncate, "not a loadable training state"),
+    ("model.safetensors", truncate, "not a valid safetensors file"),
+    ("model.safetensors", weights_of_another_spec, "does not fit"),
+    ("state.pt", "from the diverged run", "does not fit"),
+])
+def test_unusable_checkpoints_are_named_on_resume(tmp_path, capsys, train_args, reference, diverged, file, damage,
+                                                  message):
+    run = copy_run(reference, tmp_path)
+    target = run / "checkpoints" / f"epoch-{EPOCHS:04d}" / file
+    if callable(damage):
+        damage(target)
+    else:
+        shutil.copy(diverged / "checkpoints" / "epoch-0002" / file, target)
+    assert_refused(capsys, [*train_args(run), "--resume"], target, message, untouched=run)
+
+
+def test_weights_that_do_not_fit_the_spec_are_named(tmp_path, capsys, tiny_fmnist, reference):
+    wrong = build(specs.from_dict(OTHER_SPEC)).state_dict()
+    exported = export(tmp_path / "export", specs.from_dict(TINY_SPEC), wrong, {})
+    assert_refused(capsys, ["eval", exported, "--data-dir", tiny_fmnist], exported / "model.safetensors",
+                   "weights do not fit", untouched=exported)
+    run = copy_run(reference, tmp_path)
+    save_file(wrong, run / "final" / "model.safetensors")
+    for args in (["eval", run, "--data-dir", tiny_fmnist], ["compress", run]):
+        assert_refused(capsys, args, run / "final" / "model.safetensors", "do not fit", untouched=run)
+
+
+def test_a_directory_holding_another_run_is_refused(tmp_path, capsys, train_args, reference):
+    run = copy_run(reference, tmp_path)
+    assert_refused(capsys, train_args(run), run, "already holds a run", untouched=run)
+    assert_refused(capsys, [*train_args(run), "--lr", 0.05, "--resume"], "different configuration", untouched=run)
+    assert run_cli(*train_args(run), "--lr", 0.05, "--force") == 0
+    assert json.loads((run / "config.json").read_text())["config"]["lr"] == 0.05
+    assert_sound_run_dir(run)
+
+
+def full_disk_in_epoch_2(save):
+    """`torch.save` that, for epoch 2's training state, writes half of it and fails as a full disk does."""
+    def save_or_fail(obj, path, *args, **kwargs):
+        if not (isinstance(obj, dict) and obj.get("epoch") == 2):
+            return save(obj, path, *args, **kwargs)
+        buffer = io.BytesIO()
+        save(obj, buffer, *args, **kwargs)
+        Path(path).write_bytes(buffer.getvalue()[: buffer.tell() // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return save_or_fail
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    weights, state = {"w": torch.arange(4.0)}, {"epoch": 1}
+    save_checkpoint(tmp_path, 1, weights, state)
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk_in_epoch_2(torch.save))
+    with pytest.raises(CheckpointError, match="epoch-0002.*No space left on device"):
+        save_checkpoint(tmp_path, 2, {"w": torch.zeros(4)}, {"epoch": 2})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-0001", "latest"]
+    kept_weights, kept_state = load_checkpoint(latest_checkpoint(tmp_path))
+    assert torch.equal(kept_weights["w"], weights["w"]) and kept_state == state
+
+
+@pytest.mark.parametrize("file, epochs_kept", [("checkpoints/epoch-0002", 1), ("metrics.jsonl", 2)])
+def test_full_disk_during_training_is_one_line_and_resumable(tmp_path, capsys, monkeypatch, train_args, reference,
+                                                             file, epochs_kept):
+    out = tmp_path / "run"
+    real_write_text = Path.write_text
+
+    def write_text(path, text):
+        """Metrics of two epochs get half written, then the disk is full."""
+        if path.name.startswith(".metrics.jsonl.") and text.count("\n") == 2:
+            path.write_bytes(text[: len(text) // 2].encode())
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write_text(path, text)
+
+    if file == "metrics.jsonl":
+        monkeypatch.setattr(Path, "write_text", write_text)
+    else:
+        monkeypatch.setattr(checkpoint.torch, "save", full_disk_in_epoch_2(torch.save))
+    assert_refused(capsys, train_args(out), out / file, "No space left on device")
+    monkeypatch.undo()
+    assert latest_epoch(out) == epochs_kept
+    assert len(metrics_of(out)) == 1
+    assert run_cli(*train_args(out), "--resume") == 0
+    assert_sound_run_dir(out)
+    assert_same_run(out, reference)
+
+
+EXTREME_VALUES = [0, -1, 2**63, 10**400, -(10**400), float("inf"), float("nan"), "", "resnet", True, None, [], {},
+                  [10**400], {"0": 10**400}, [[]]]
+JSON_LEAVES = (st.sampled_from(EXTREME_VALUES) | st.none() | st.booleans() | st.integers() | st.floats()
+               | st.text(max_size=6))
+JSON_VALUES = st.recursive(JSON_LEAVES, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
+
+
+def paths_in(value, prefix=()):
+    """Every (key or index) path into nested dicts and lists, the root included."""
+    yield prefix
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        yield from paths_in(child, (*prefix, key))
+
+
+@st.composite
+def mutations(draw, bases: list, keys: list[str]):
+    """A deep copy of one of `bases` with up to three values replaced, deleted or keys added."""
+    value = copy.deepcopy(draw(st.sampled_from(bases)))
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(list(paths_in(value))))
+        if not path:
+            return draw(JSON_VALUES)
+        parent = value
+        for key in path[:-1]:
+            parent = parent[key]
+        action = draw(st.sampled_from(["replace", "delete", "add"]))
+        if action == "replace":
+            parent[path[-1]] = draw(JSON_VALUES)
+        elif action == "delete":
+            del parent[path[-1]]
+        elif isinstance(parent, dict):
+            parent[draw(st.sampled_from(keys) | st.text(max_size=6))] = draw(JSON_VALUES)
+    return value
+
+
+VALID_SPECS = [TINY_SPEC, OTHER_SPEC, specs.to_dict(specs.cifar_resnet_spec(20, bottleneck=True)),
+               specs.to_dict(specs.cnn4_spec())]
+SPEC_KEYS = ["family", "block", "stem", "stages", "inner", "out", "stride", "shortcut", "layers", "width",
+             "kernel", "padding", "pool", "num_classes", "in_channels", "preact", "imagenet_stem"]
+RECIPES = [yaml.safe_load(p.read_text()) for p in sorted(Path(prunekit.__file__).parents[1].glob("recipes/*.yaml"))]
+CONFIG_KEYS = [f.name for f in fields(Config)]
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.one_of(JSON_VALUES, mutations(VALID_SPECS, SPEC_KEYS)))
+def test_any_json_is_a_spec_or_a_spec_error(data):
+    try:
+        spec = specs.from_dict(data)
+    except specs.SpecError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert specs.from_dict(specs.to_dict(spec)) == spec
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.one_of(JSON_VALUES, st.dictionaries(st.sampled_from(CONFIG_KEYS) | st.text(max_size=8), JSON_VALUES),
+                 mutations(RECIPES, CONFIG_KEYS)))
+def test_any_json_is_a_config_or_a_config_error(data):
+    try:
+        config = make_config(data, "recipe.yaml")
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith("recipe.yaml")
+        return
+    make_config(config.to_dict())
+
+
+def replaced(data, path: tuple, value):
+    """A deep copy of `data` with the value at `path` replaced."""
+    data = copy.deepcopy(data)
+    parent = data
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = value
+    return data
+
+
+def test_every_spec_field_with_every_extreme_value_is_a_spec_error():
+    for base in VALID_SPECS:
+        for path in filter(None, paths_in(base)):
+            for value in EXTREME_VALUES:
+                try:
+                    specs.from_dict(replaced(base, path, value))
+                except specs.SpecError:
+                    pass
+                except Exception as exc:
+                    pytest.fail(f"{path} = {value!r}: {exc!r}")
+
+
+def test_every_option_with_every_extreme_value_is_a_config_error():
+    for key in CONFIG_KEYS:
+        for value in EXTREME_VALUES:
+            try:
+                make_config({key: value})
+            except ConfigError:
+                pass
+            except Exception as exc:
+                pytest.fail(f"{key} = {value!r}: {exc!r}")
+
+
+# --- 3. loading never executes code ----------------------------------------------------------
+
+
+class RunsShellWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("write", [
+    lambda payload, path: path.write_bytes(pickle.dumps(payload, protocol=2)),
+    lambda payload, path: torch.save(payload, path),
+], ids=["plain pickle", "torch zip"])
+def test_a_malicious_training_state_is_refused_without_running(tmp_path, capsys, train_args, reference, write):
+    run = copy_run(reference, tmp_path)
+    marker = tmp_path / "MARKER"
+    target = run / "checkpoints" / f"epoch-{EPOCHS:04d}" / "state.pt"
+    write(RunsShellWhenUnpickled(marker), target)
+    assert_refused(capsys, [*train_args(run), "--resume"], target, "not a loadable training state", untouched=run)
+    assert not marker.exists()
+
+
+def test_a_recipe_that_constructs_python_objects_is_refused_without_running(tmp_path, capsys, train_args):
+    marker = tmp_path / "MARKER"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"epochs: !!python/object/apply:os.system ['touch {marker}']\n")
+    assert_refused(capsys, [*train_args(tmp_path / "run"), "--recipe", recipe], recipe, "not valid YAML")
+    assert not marker.exists()
+
+
+# --- 4. numerical faults ---------------------------------------------------------------------
+
+EXPLODING_LR = ["--schedule", "piecewise", "--lr-schedule", '{"0": 0.05, "1": 1e30}']
+
+
+def test_non_finite_loss_names_the_step_and_the_last_good_checkpoint(tmp_path, capsys, train_args):
+    out = tmp_path / "run"
+    line = assert_refused(capsys, [*train_args(out), *EXPLODING_LR], "non-finite loss", "at epoch 2, step ",
+                          out / "checkpoints" / "epoch-0001", "--on-nan skip")
+    assert latest_epoch(out) == 1 and len(metrics_of(out)) == 1, line
+
+
+def test_non_finite_steps_can_be_skipped(tmp_path, train_args):
+    out = tmp_path / "run"
+    assert run_cli(*train_args(out), *EXPLODING_LR, "--on-nan", "skip") == 0
+    assert len(metrics_of(out)) == EPOCHS
+    assert load_checkpoint(latest_checkpoint(out))[1]["skipped_steps"] > 0
+
+
+def test_a_diverged_penalty_is_not_exported_as_an_empty_network(tmp_path, capsys, diverged):
+    run = copy_run(diverged, tmp_path)
+    assert_refused(capsys, ["compress", run], run, "every", "dead", "penalty diverged", untouched=run)
+    assert not (run / "compressed").exists()
+
+
+# --- 5. reproducible -------------------------------------------------------------------------
+
+
+def test_same_seed_and_recipe_give_identical_metrics_and_a_recorded_environment(tmp_path, train_args, reference,
+                                                                              spec_file, tiny_fmnist):
+    out = tmp_path / "run"
+    assert run_cli(*train_args(out)) == 0
+    assert_same_run(out, reference)
+    record = json.loads((out / "config.json").read_text())
+    expected = make_config({"model": str(spec_file), "epochs": EPOCHS, "batch_size": 16,
+                            "data_dir": str(tiny_fmnist)}).to_dict()
+    assert record["config"] == expected
+    environment = record["environment"]
+    assert environment["python"] == platform.python_version() and environment["torch"] == torch.__version__
+    revision = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(prunekit.__file__).parent).stdout.strip() or None
+    assert "git_revision" in environment and environment["git_revision"] == revision

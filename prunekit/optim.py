@@ -27,6 +27,14 @@ def _check_non_negative(name: str, value: float) -> None:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
+def _evaluate(closure: Callable[[], Tensor] | None) -> Tensor | None:
+    """The optional closure's loss, computed with gradients enabled (the torch.optim convention)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class APG(Optimizer):
     """Accelerated proximal gradient for scaling factors λ (Huang & Wang, ECCV 2018, Sparse Structure Selection).
 
@@ -53,10 +61,7 @@ class APG(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Take one proximal Nesterov step on every parameter that has a gradient; returns closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             lr = group["lr"]
             momentum = group["momentum"]
@@ -98,10 +103,7 @@ class ISTA(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Take one gradient step plus cost-weighted soft-threshold on every parameter with a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             lr = group["lr"]
             threshold = lr * group["penalty"] * group["cost"]

@@ -168,6 +168,10 @@ import torch
 from prunekit import engine
 from prunekit.cli import main
 
+# A shell runs background jobs with SIGINT ignored and Python then installs no KeyboardInterrupt
+# handler; restore it so that Ctrl-C reaches prunekit as it does in a terminal.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 kind, _, where = os.environ.get("PRUNEKIT_FAULT", "").partition(":")
 
 

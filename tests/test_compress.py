@@ -120,7 +120,7 @@ def test_export_loads_in_a_fresh_process_with_same_outputs(tmp_path):
     torch.save(x, tmp_path / "x.pt")
     with torch.no_grad():
         torch.save(result.model(x), tmp_path / "expected.pt")
-    code = ("import torch, prunekit.compress as c; m = c.load(r'%s'); x = torch.load(r'%s');"
+    code = ("import torch, prunekit; m = prunekit.load(r'%s'); x = torch.load(r'%s');"
             "torch.testing.assert_close(m(x), torch.load(r'%s'), rtol=0, atol=0); print('same')"
             % (tmp_path / "export", tmp_path / "x.pt", tmp_path / "expected.pt"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

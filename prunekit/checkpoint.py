@@ -17,6 +17,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import one_line
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file."""
@@ -131,6 +133,6 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
     except FileNotFoundError:
         raise CheckpointError(f"{path / 'state.pt'}: training state not found") from None
     except Exception as exc:  # torch raises several types for truncated or unsafe files
-        reason = " ".join(str(exc).split())[:200]
+        reason = one_line(exc, 200)
         raise CheckpointError(f"{path / 'state.pt'}: not a loadable training state ({reason})") from None
     return weights, state

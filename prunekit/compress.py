@@ -20,6 +20,7 @@ from torch import nn
 
 from . import spec as specs
 from .checkpoint import atomic_write_json, atomic_write_text, load_weights, save_weights
+from .errors import one_line
 from .gates import BinaryGate, ScaleGate
 from .methods import EXACT_METHODS, DeadSet, dead_structures
 from .models import build
@@ -267,7 +268,7 @@ def load_fitting(model: nn.Module, weights: dict, source: Path) -> None:
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
-        first = " ".join(str(exc).split())[:300]
+        first = one_line(exc, 300)
         raise specs.SpecError(f"{source}: weights do not fit spec.json ({first})") from None
 
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from .errors import one_line
+
 
 class DataError(ValueError):
     """Missing, truncated or wrongly formatted data; the message is one line naming the file."""
@@ -52,11 +54,6 @@ def dataset_info(name: str) -> dict[str, int]:
     if name not in _DATASET_INFO:
         raise DataError(f"unknown dataset {name!r} (known: {', '.join(_DATASET_INFO)})")
     return dict(_DATASET_INFO[name])
-
-
-def _one_line(error: BaseException) -> str:
-    """A library exception's text squeezed onto one line, for embedding in a DataError."""
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _check_label_range(labels: torch.Tensor, num_classes: int, source: object) -> None:
@@ -143,7 +140,7 @@ def _read_maybe_gzipped(path: Path) -> bytes:
             return stream.read()
     except (OSError, EOFError, zlib.error) as error:
         raise DataError(
-            f"{path}: corrupt gzip file ({_one_line(error)}) (expected a gzip-compressed idx file)"
+            f"{path}: corrupt gzip file ({one_line(error)}) (expected a gzip-compressed idx file)"
         ) from None
 
 
@@ -250,7 +247,7 @@ def _load_cifar_batch(
     except DataError:
         raise
     except Exception as error:  # any failure inside the pickle machinery means a corrupt file
-        raise DataError(f"{path}: corrupt pickle ({_one_line(error)}) ({expected})") from None
+        raise DataError(f"{path}: corrupt pickle ({one_line(error)}) ({expected})") from None
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
         raise DataError(f"{path}: missing keys ({expected})")
     data = batch[b"data"]
@@ -260,7 +257,7 @@ def _load_cifar_batch(
     try:
         labels = np.asarray(batch[label_key], dtype=np.int64)
     except (TypeError, ValueError) as error:
-        raise DataError(f"{path}: bad labels ({_one_line(error)}) ({expected})") from None
+        raise DataError(f"{path}: bad labels ({one_line(error)}) ({expected})") from None
     if labels.shape != (len(data),):
         raise DataError(f"{path}: {labels.size} labels for {len(data)} images ({expected})")
     _check_label_range(torch.from_numpy(labels), num_classes, path)
@@ -312,7 +309,7 @@ def _load_svhn(root: Path, split: str) -> ArrayDataset:
     try:
         mat = scipy.io.loadmat(path)
     except Exception as error:  # scipy raises many unrelated types for corrupt files
-        raise DataError(f"{path}: unreadable .mat file ({_one_line(error)}) ({expected})") from None
+        raise DataError(f"{path}: unreadable .mat file ({one_line(error)}) ({expected})") from None
     x, y = mat.get("X"), mat.get("y")
     if x is None or y is None or x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.dtype != np.uint8:
         raise DataError(f"{path}: unexpected contents ({expected})")
@@ -508,7 +505,7 @@ def _load_rgb_image(path: str) -> Image.Image:
             return Image.open(stream).convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
         raise DataError(
-            f"{path}: unreadable image ({_one_line(error)}) (expected a JPEG or PNG file)"
+            f"{path}: unreadable image ({one_line(error)}) (expected a JPEG or PNG file)"
         ) from None
 
 
@@ -561,7 +558,7 @@ class ImageFolderLoader:
             images = datasets.ImageFolder(str(folder), transform=transform, loader=_load_rgb_image)
         except OSError as error:  # ImageFolder raises FileNotFoundError for empty folders
             raise DataError(
-                f"{folder}: no usable images ({_one_line(error)}) ({expected})"
+                f"{folder}: no usable images ({one_line(error)}) ({expected})"
             ) from None
         self.num_classes = len(images.classes)
         if subset is not None:

@@ -18,6 +18,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistContext, all_reduce_sum
+from .errors import one_line
 from .schedule import LRPolicy
 
 
@@ -117,11 +118,11 @@ class Trainer:
         try:
             self.model.load_state_dict(weights)
         except RuntimeError as exc:
-            raise CheckpointError(f"{path / 'model.safetensors'}: does not fit this model ({_one_line(exc)})") from None
+            raise CheckpointError(f"{path / 'model.safetensors'}: does not fit this model ({one_line(exc, 200)})") from None
         try:
             self.load_state(state)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{path / 'state.pt'}: does not fit this run ({_one_line(exc)})") from None
+            raise CheckpointError(f"{path / 'state.pt'}: does not fit this run ({one_line(exc, 200)})") from None
         self.log(f"resumed from {path} (epoch {self.epoch} of {self.epochs})")
         return True
 
@@ -244,11 +245,6 @@ class Trainer:
             if self.ctx.is_main:
                 self.log(format_metrics(metrics))
         return self.history
-
-
-def _one_line(error: BaseException) -> str:
-    """An exception's text on one line, shortened, for a message that names a file."""
-    return " ".join(str(error).split())[:200] or type(error).__name__
 
 
 def _json_line(metrics: dict) -> str:

@@ -66,8 +66,15 @@ def finetune_config(config: Config) -> Config:
                                target_params=None)
 
 
+def _keeps_step_schedule(config: Config) -> bool:
+    """Scratch runs follow the original schedule: step decays when it had them, else its own shape."""
+    return config.schedule == "step" or bool(config.milestones)
+
+
 def scratch_e_config(config: Config) -> Config:
-    """Scratch-E: a dense run of the original length with a step schedule (decays at 50%/75% if none given)."""
+    """Scratch-E: a dense run of the original length and schedule (step decays at 50%/75% if none given)."""
+    if not _keeps_step_schedule(config):
+        return dataclasses.replace(config, method="none", penalty=None, target_macs=None, target_params=None)
     milestones = config.milestones or [float(math.floor(config.epochs * f)) for f in DEFAULT_DECAY_FRACTIONS]
     return dataclasses.replace(config, method="none", penalty=None, schedule="step", milestones=list(milestones),
                                target_macs=None, target_params=None)
@@ -75,9 +82,12 @@ def scratch_e_config(config: Config) -> Config:
 
 def scratch_b_config(config: Config, ratio: float, *, rounding: str = "int", cap: int | None = None,
                      cap_step: int | None = None) -> Config:
-    """Scratch-B: scratch-E with epochs and decays stretched by `ratio` (see `scratch_b_schedule`)."""
+    """Scratch-B: scratch-E with epochs (and step decays) stretched by `ratio` (see `scratch_b_schedule`);
+    a one-cycle or cosine schedule keeps its shape over the longer run."""
     epochs, milestones = scratch_b_schedule(config.epochs, config.milestones or None, ratio,
                                             rounding=rounding, cap=cap, cap_step=cap_step)
+    if not _keeps_step_schedule(config):
+        return dataclasses.replace(scratch_e_config(config), epochs=epochs)
     return dataclasses.replace(config, method="none", penalty=None, schedule="step", epochs=epochs,
                                target_macs=None, target_params=None,
                                milestones=[float(m) for m in milestones])

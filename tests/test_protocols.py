@@ -64,7 +64,11 @@ def test_scratch_configs():
     assert (e.method, e.penalty, e.schedule, e.epochs, e.milestones) == ("none", None, "step", 100, [30, 60, 90])
     b = scratch_b_config(config, sss_ratio("resnet32"))
     assert (b.method, b.schedule, b.epochs, b.milestones) == ("none", "step", 145, [43, 86, 129])
-    assert scratch_e_config(make_config({"epochs": 10})).milestones == [5, 7]
+    assert scratch_e_config(make_config({"epochs": 10, "schedule": "step"})).milestones == [5, 7]
+    onecycle = make_config({"epochs": 10, "schedule": "onecycle", "method": "sss"})
+    assert (scratch_e_config(onecycle).schedule, scratch_e_config(onecycle).epochs) == ("onecycle", 10)
+    stretched = scratch_b_config(onecycle, 2.0)
+    assert (stretched.method, stretched.schedule, stretched.epochs, stretched.milestones) == ("none", "onecycle", 20, [])
 
 
 NARROW_RESNET = {"family": "resnet", "block": "basic", "stem": 8, "in_channels": 1, "num_classes": 10,

@@ -291,9 +291,14 @@ def test_killed_at_a_random_time_then_resumed(start, tmp_path, train_args, refer
         time.sleep(delay)
         process.kill()
     process.wait(timeout=60)
-    assert run_cli(*train_args(out), "--resume") == 0, f"killed {delay:.3f} s into training"
-    assert_sound_run_dir(out)
-    assert_same_run(out, reference)
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.exists() else []
+    context = f"killed {delay:.3f} s into training, leaving {left}; its stderr: {(tmp_path / 'stderr').read_text()!r}"
+    assert run_cli(*train_args(out), "--resume") == 0, context
+    try:
+        assert_sound_run_dir(out)
+        assert_same_run(out, reference)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc} ({context})") from exc
 
 
 def test_ctrl_c_says_how_to_resume_and_keeps_the_last_finished_epoch(start, tmp_path, train_args, reference):

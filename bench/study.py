@@ -1,0 +1,192 @@
+"""FM-R20 study (issues: protocols, budget): every method steered to a MACs budget, compressed and
+fine-tuned; the same pruned spec trained from scratch (E and B); Torch-Pruning at the same budget.
+
+Protocol (issue "protocols"): ResNet-20 on Fashion-MNIST, first 20k training images, full test set;
+sparse training 10 epochs from scratch (SGD Nesterov 0.9, one-cycle LR 0.1, wd 5e-4, batch 128,
+pad-2 crop + flip) with `target_macs = 1 - reduction`; compress; fine-tune 5 epochs at LR 0.01
+(cosine). Torch-Pruning trains the plain ResNet-20 for the same 10 epochs with its pruner's
+regularizer, prunes globally in small steps until the MACs reach the budget, then fine-tunes alike.
+Latency: batch 64, 1×28×28, dense and pruned interleaved in one process, median of 3 rounds.
+
+    python bench/study.py --out runs/study --methods sss,ista-bn --reductions 0.3,0.5,0.7 \
+        [--scratch sss] [--torch-pruning bn-scale,group-norm]
+
+Rows are appended to OUT/rows.jsonl as they finish; a row already there is not run again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from prunekit.compress import compress_run, load
+from prunekit.config import make_config
+from prunekit.distributed import DistContext, pick_device
+from prunekit.engine import Callback, Trainer
+from prunekit.measure import count_macs, count_params, measure_latency
+from prunekit.methods import build_method
+from prunekit.models import build
+from prunekit.protocols import export_accuracy, finetune, finetune_config, scratch
+from prunekit.runner import input_size, make_loaders, model_spec, train
+from prunekit.schedule import make_policy
+
+PROTOCOL = {"model": "resnet20", "train_subset": 20000, "epochs": 10, "pad": 2, "flip": True,
+            "finetune_epochs": 5, "finetune_lr": 0.01}
+TORCH_PRUNING_REG = {"bn-scale": 1e-4, "group-norm": 1e-4}  # the issue's anchor: slimming with reg 1e-4
+
+
+def latency_speedup(model: torch.nn.Module, size: tuple[int, ...], rounds: int = 3) -> tuple[float, float]:
+    """(pruned ms, dense ms / pruned ms) at batch 64, the dense ResNet-20 timed alternately with `model`."""
+    dense = build(model_spec(make_config(PROTOCOL))).eval()
+    pruned_ms, ratios = [], []
+    for _ in range(rounds):
+        d = measure_latency(dense, size, 64).median_ms
+        p = measure_latency(model, size, 64).median_ms
+        pruned_ms.append(p)
+        ratios.append(d / p)
+    return statistics.median(pruned_ms), statistics.median(ratios)
+
+
+def prunekit_row(method: str, reduction: float, out: Path) -> dict:
+    config = make_config({**PROTOCOL, "method": method, "target_macs": round(1 - reduction, 4)})
+    start = time.perf_counter()
+    sparse = train(config, out / "sparse", force=True)
+    card = compress_run(out / "sparse", out / "compressed")
+    compressed_acc = export_accuracy(out / "compressed", config)
+    tuned = finetune(out / "compressed", config, out / "finetune", force=True)
+    ms, speedup = latency_speedup(tuned["model"].cpu(), input_size(config))
+    return {"method": method, "protocol": "fine-tune", "reduction_target": reduction,
+            "reduction": 1 - card["macs_after"] / card["macs_before"], "sparse_acc": sparse["history"][-1]["test_acc"],
+            "compressed_acc": compressed_acc, "final_acc": tuned["history"][-1]["test_acc"],
+            "params": card["params_after"], "macs": card["macs_after"], "latency_ms_b64": ms, "speedup_b64": speedup,
+            "max_logit_difference": card["max_logit_difference"], "minutes": (time.perf_counter() - start) / 60}
+
+
+def scratch_row(method: str, reduction: float, budget: str, out: Path) -> dict:
+    """Scratch-E or -B of the spec that `prunekit_row` compressed into out/compressed."""
+    config = make_config(PROTOCOL)
+    start = time.perf_counter()
+    result = scratch(out / "compressed", config, out / f"scratch-{budget}", budget=budget, force=True)
+    model = result["model"].cpu()
+    ms, speedup = latency_speedup(model, input_size(config))
+    size = input_size(config)
+    return {"method": method, "protocol": f"scratch-{budget} ({len(result['history'])} epochs)",
+            "reduction_target": reduction, "reduction": 1 - count_macs(model, size) / count_macs(
+                build(model_spec(config)), size), "sparse_acc": None, "compressed_acc": None,
+            "final_acc": result["history"][-1]["test_acc"], "params": count_params(model),
+            "macs": count_macs(model, size), "latency_ms_b64": ms, "speedup_b64": speedup,
+            "max_logit_difference": None, "minutes": (time.perf_counter() - start) / 60}
+
+
+class Regularize(Callback):
+    """Torch-Pruning's sparsity regularizer, applied to the gradients before every step."""
+
+    def __init__(self, pruner):
+        self.pruner = pruner
+
+    def after_backward(self, trainer):
+        self.pruner.regularize(trainer.model)
+
+
+def fit(model, config, run_dir: Path, callbacks) -> list[dict]:
+    """Train a plain nn.Module (no spec) with prunekit's loop, loaders and SGD for `config`."""
+    ctx = DistContext(device=pick_device(config.device))
+    train_loader, eval_loaders = make_loaders(config, ctx)
+    optimizers = build_method(model, config, input_size(config)).optimizers
+    trainer = Trainer(model, optimizers, make_policy(config), train_loader, eval_loaders, epochs=config.epochs,
+                      run_dir=run_dir, callbacks=callbacks, ctx=ctx)
+    return trainer.fit()
+
+
+def torch_pruning_row(pruner_name: str, reduction: float, out: Path) -> dict:
+    import torch_pruning as tp
+
+    config = make_config({**PROTOCOL, "method": "none"})
+    size = input_size(config)
+    torch.manual_seed(config.seed)
+    model = build(model_spec(config))
+    importance = (tp.importance.BNScaleImportance() if pruner_name == "bn-scale"
+                  else tp.importance.GroupMagnitudeImportance(p=2))
+    pruner_class = tp.pruner.BNScalePruner if pruner_name == "bn-scale" else tp.pruner.GroupNormPruner
+    example = torch.randn(1, *size)
+    pruner = pruner_class(model, example, importance=importance, reg=TORCH_PRUNING_REG[pruner_name],
+                          global_pruning=True, pruning_ratio=1.0, iterative_steps=400, ignored_layers=[model.fc])
+    start = time.perf_counter()
+    sparse = fit(model, config, out / "sparse", [Regularize(pruner)])
+    base = count_macs(model, size)
+    while count_macs(model, size) > (1 - reduction) * base:  # Torch-Pruning's own recipe for a FLOPs target
+        pruner.step()
+    ctx = DistContext(device=pick_device(config.device))
+    _, loaders = make_loaders(config, ctx)
+    pruned_acc = Trainer(model, [], make_policy(config), None, loaders, epochs=0, ctx=ctx).evaluate(loaders["test"])["acc"]
+    tuned = fit(model, finetune_config(config), out / "finetune", [])
+    ms, speedup = latency_speedup(model.cpu(), size)
+    return {"method": f"torch-pruning {pruner_name}", "protocol": "fine-tune", "reduction_target": reduction,
+            "reduction": 1 - count_macs(model, size) / base, "sparse_acc": sparse[-1]["test_acc"],
+            "compressed_acc": pruned_acc, "final_acc": tuned[-1]["test_acc"], "params": count_params(model),
+            "macs": count_macs(model, size), "latency_ms_b64": ms, "speedup_b64": speedup,
+            "max_logit_difference": None, "minutes": (time.perf_counter() - start) / 60}
+
+
+def table(rows: list[dict]) -> str:
+    def pct(x):
+        return "–" if x is None else f"{x:.2%}"
+
+    lines = ["| method | protocol | MACs reduction target | achieved | within ±2% | sparse acc | right after compression | "
+             "final acc | params | latency b64 ms | speed-up b64 | minutes |", "|" + "---|" * 12]
+    for r in rows:
+        within = "yes" if abs(r["reduction"] - r["reduction_target"]) <= 0.02 else "no"
+        lines.append(f"| {r['method']} | {r['protocol']} | {r['reduction_target']:.0%} | {r['reduction']:.1%} | {within} | "
+                     f"{pct(r['sparse_acc'])} | {pct(r['compressed_acc'])} | {pct(r['final_acc'])} | {r['params']:,} | "
+                     f"{r['latency_ms_b64']:.1f} | {r['speedup_b64']:.2f}x | {r['minutes']:.1f} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/study")
+    parser.add_argument("--methods", default="sss,ista-bn,slimming,binary-gate,epsilon-resnet")
+    parser.add_argument("--reductions", default="0.5", help="MACs reductions, comma-separated (0.5: half the MACs)")
+    parser.add_argument("--scratch", default="", help="methods whose pruned spec is also trained scratch-E and -B")
+    parser.add_argument("--torch-pruning", default="", help="bn-scale and/or group-norm (needs the 'bench' extra)")
+    parser.add_argument("--table", action="store_true", help="only print the table of OUT/rows.jsonl")
+    parser.add_argument("--epochs", type=int, default=PROTOCOL["epochs"], help="sparse epochs (a smoke run: 1)")
+    parser.add_argument("--finetune-epochs", type=int, default=PROTOCOL["finetune_epochs"])
+    parser.add_argument("--train-subset", type=int, default=PROTOCOL["train_subset"])
+    args = parser.parse_args()
+    PROTOCOL.update(epochs=args.epochs, finetune_epochs=args.finetune_epochs, train_subset=args.train_subset)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_file = out / "rows.jsonl"
+    done = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
+    if not args.table:
+        jobs = []
+        for reduction in map(float, args.reductions.split(",")):
+            for method in filter(None, args.methods.split(",")):
+                where = out / f"{method}-{reduction}"
+                jobs.append((method, reduction, "fine-tune", partial(prunekit_row, method, reduction, where)))
+                if method in args.scratch.split(","):
+                    jobs += [(method, reduction, f"scratch-{b}", partial(scratch_row, method, reduction, b, where))
+                             for b in "EB"]
+            for name in filter(None, args.torch_pruning.split(",")):
+                jobs.append((f"torch-pruning {name}", reduction, "fine-tune",
+                             partial(torch_pruning_row, name, reduction, out / f"tp-{name}-{reduction}")))
+        for method, reduction, protocol, job in jobs:
+            if any(r["method"] == method and r["reduction_target"] == reduction and
+                   r["protocol"].split(" ")[0] == protocol for r in done):
+                continue
+            row = job()
+            done.append(row)
+            print(json.dumps(row), flush=True)
+            with open(rows_file, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    print(table(done))
+
+
+if __name__ == "__main__":
+    main()

@@ -159,6 +159,7 @@ class Trainer:
         if steps == 0:
             raise TrainingError("the training set is smaller than one batch; lower the batch size or use more data")
         loss_sum = correct = seen = 0.0
+        skipped_before = self.skipped_steps
         start = time.perf_counter()
         batches = self.train_loader
         if self.ctx.is_main and sys.stderr.isatty():
@@ -192,9 +193,15 @@ class Trainer:
             correct += accuracy_counts(logits.detach(), y)
             seen += n
         loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], self.ctx)
+        if seen == 0:
+            raise TrainingError(f"every step of epoch {self.epoch + 1} had a non-finite loss: training has "
+                                f"diverged; lower the learning rate or penalty and rerun")
         elapsed = time.perf_counter() - start
-        return {"lr": lr, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-                "train_images_per_s": seen / elapsed, "epoch_time_s": elapsed}
+        metrics = {"lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                   "train_images_per_s": seen / elapsed, "epoch_time_s": elapsed}
+        if self.on_nan == "skip":
+            metrics["skipped_steps"] = self.skipped_steps - skipped_before
+        return metrics
 
     def _non_finite(self, loss) -> bool:
         """Skip the step (returns True) or stop with a message naming the step and last checkpoint."""

@@ -1,3 +1,4 @@
+import math
 import os
 import subprocess
 import sys
@@ -67,8 +68,14 @@ def test_interrupted_then_resumed_run_ends_with_identical_weights(tmp_path, meth
 
 
 class PoisonLoss(Callback):
+    """A NaN loss term in every step of epoch 2, or with `every=2` in its odd-numbered steps only."""
+
+    def __init__(self, every: int = 1):
+        self.every = every
+
     def loss_terms(self, trainer, logits, targets):
-        return {"poison": torch.tensor(float("nan"))} if trainer.epoch == 1 else {}
+        poisoned = trainer.epoch == 1 and trainer.step_in_epoch % self.every == 0
+        return {"poison": torch.tensor(float("nan"))} if poisoned else {}
 
 
 def test_nan_loss_stops_naming_step_and_last_checkpoint(tmp_path):
@@ -78,9 +85,18 @@ def test_nan_loss_stops_naming_step_and_last_checkpoint(tmp_path):
 
 
 def test_nan_loss_steps_can_be_skipped(tmp_path):
-    trainer = tiny_setup(tmp_path, "none", callbacks=[PoisonLoss()], on_nan="skip")
+    trainer = tiny_setup(tmp_path, "none", callbacks=[PoisonLoss(every=2)], on_nan="skip")
     trainer.fit()
-    assert trainer.skipped_steps == 4 and len(trainer.history) == 3
+    assert trainer.skipped_steps == 2 and len(trainer.history) == 3
+    assert [h["skipped_steps"] for h in trainer.history] == [0, 2, 0]
+    assert all(math.isfinite(h["train_loss"]) and h["train_loss"] > 0 for h in trainer.history)
+
+
+def test_an_epoch_with_every_step_skipped_stops_instead_of_logging_nothing(tmp_path):
+    trainer = tiny_setup(tmp_path, "none", callbacks=[PoisonLoss()], on_nan="skip")
+    with pytest.raises(TrainingError, match="every step of epoch 2 had a non-finite loss"):
+        trainer.fit()
+    assert trainer.skipped_steps == 4 and len(trainer.history) == 1
 
 
 def test_two_process_gloo_ddp_reduces_metrics_and_keeps_gates_identical(tmp_path):

@@ -404,12 +404,21 @@ def test_unreadable_spec_file_is_named(tmp_path, capsys):
     ("epochs: 2.5\n", "epochs: expected int, got float 2.5"),
     ("milestones: 3\n", "milestones: expected a list, got int"),
     ("on_nan: ignore\n", "on_nan must be one of ('stop', 'skip'), got 'ignore'"),
+    ("lr: .nan\n", "lr: expected a finite number, got nan"),
+    ("penalty: -.inf\n", "penalty: expected a finite number, got -inf"),
 ])
 def test_bad_recipes_name_the_file_and_field(tmp_path, capsys, train_args, content, message):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(content)
     out = tmp_path / "run"
     assert_refused(capsys, [*train_args(out), "--recipe", recipe], recipe, message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--penalty", "--target-macs"])
+def test_a_non_finite_number_on_the_command_line_is_refused(tmp_path, capsys, train_args, flag):
+    out = tmp_path / "run"
+    assert_refused(capsys, [*train_args(out), flag, "nan"], flag.lstrip("-").replace("-", "_"), "finite number")
     assert not out.exists()
 
 
@@ -652,11 +661,14 @@ def test_non_finite_loss_names_the_step_and_the_last_good_checkpoint(tmp_path, c
     assert latest_epoch(out) == 1 and len(metrics_of(out)) == 1, line
 
 
-def test_non_finite_steps_can_be_skipped(tmp_path, train_args):
+def test_non_finite_steps_are_skipped_until_a_whole_epoch_diverges(tmp_path, capsys, train_args):
+    """Epoch 2 skips its non-finite steps and is logged; in epoch 3 every step is non-finite, which stops
+    the run rather than logging an epoch that trained on nothing."""
     out = tmp_path / "run"
-    assert run_cli(*train_args(out), *EXPLODING_LR, "--on-nan", "skip") == 0
-    assert len(metrics_of(out)) == EPOCHS
-    assert load_checkpoint(latest_checkpoint(out))[1]["skipped_steps"] > 0
+    assert_refused(capsys, [*train_args(out), *EXPLODING_LR, "--on-nan", "skip"],
+                   "every step of epoch 3 had a non-finite loss", "diverged")
+    assert [m["skipped_steps"] for m in metrics_of(out)] == [0, 5]
+    assert latest_epoch(out) == 2 and load_checkpoint(latest_checkpoint(out))[1]["skipped_steps"] == 5
 
 
 def test_a_diverged_penalty_is_not_exported_as_an_empty_network(tmp_path, capsys, diverged):

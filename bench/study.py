@@ -1,10 +1,10 @@
 """FM-R20 study (issues: protocols, budget): every method steered to a MACs budget, compressed and
 fine-tuned; the same pruned spec trained from scratch (E and B); Torch-Pruning at the same budget.
 
-Protocol (issue "protocols"): ResNet-20 on Fashion-MNIST, first 20k training images, full test set;
-sparse training 10 epochs from scratch (SGD Nesterov 0.9, one-cycle LR 0.1, wd 5e-4, batch 128,
-pad-2 crop + flip) with `target_macs = 1 - reduction`; compress; fine-tune 5 epochs at LR 0.01
-(cosine). Torch-Pruning trains the plain ResNet-20 for the same 10 epochs with its pruner's
+Protocol (issue "protocols"), read from recipes/fmnist-METHOD.yaml: ResNet-20 on Fashion-MNIST, first
+20k training images, full test set; sparse training 10 epochs from scratch (SGD Nesterov 0.9,
+one-cycle LR 0.1, wd 5e-4, batch 128, pad-2 crop + flip) with `target_macs = 1 - reduction`;
+compress; fine-tune 5 epochs at LR 0.01 (cosine). Torch-Pruning trains the plain ResNet-20 for the same 10 epochs with its pruner's
 regularizer, prunes globally in small steps until the MACs reach the budget, then fine-tunes alike.
 Latency: batch 64, 1×28×28, dense and pruned interleaved in one process, median of 3 rounds.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from prunekit.compress import compress_run, load
-from prunekit.config import make_config
+from prunekit.config import resolve
 from prunekit.distributed import DistContext, pick_device
 from prunekit.engine import Callback, Trainer
 from prunekit.measure import count_macs, count_params, measure_latency
@@ -35,14 +35,19 @@ from prunekit.protocols import export_accuracy, finetune, finetune_config, scrat
 from prunekit.runner import input_size, make_loaders, model_spec, train
 from prunekit.schedule import make_policy
 
-PROTOCOL = {"model": "resnet20", "train_subset": 20000, "epochs": 10, "pad": 2, "flip": True,
-            "finetune_epochs": 5, "finetune_lr": 0.01}
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+OVERRIDES: dict = {}  # command-line changes to the recipes' protocol (smoke runs)
 TORCH_PRUNING_REG = {"bn-scale": 1e-4, "group-norm": 1e-4}  # the issue's anchor: slimming with reg 1e-4
+
+
+def protocol(method: str, **changes):
+    """The Config of recipes/fmnist-METHOD.yaml with the command line's and `changes` on top."""
+    return resolve(RECIPES / f"fmnist-{method}.yaml", {**OVERRIDES, **changes})
 
 
 def latency_speedup(model: torch.nn.Module, size: tuple[int, ...], rounds: int = 3) -> tuple[float, float]:
     """(pruned ms, dense ms / pruned ms) at batch 64, the dense ResNet-20 timed alternately with `model`."""
-    dense = build(model_spec(make_config(PROTOCOL))).eval()
+    dense = build(model_spec(protocol("none"))).eval()
     pruned_ms, ratios = [], []
     for _ in range(rounds):
         d = measure_latency(dense, size, 64).median_ms
@@ -53,7 +58,7 @@ def latency_speedup(model: torch.nn.Module, size: tuple[int, ...], rounds: int =
 
 
 def prunekit_row(method: str, reduction: float, out: Path) -> dict:
-    config = make_config({**PROTOCOL, "method": method, "target_macs": round(1 - reduction, 4)})
+    config = protocol(method, target_macs=round(1 - reduction, 4))
     start = time.perf_counter()
     sparse = train(config, out / "sparse", force=True)
     card = compress_run(out / "sparse", out / "compressed")
@@ -69,7 +74,7 @@ def prunekit_row(method: str, reduction: float, out: Path) -> dict:
 
 def scratch_row(method: str, reduction: float, budget: str, out: Path) -> dict:
     """Scratch-E or -B of the spec that `prunekit_row` compressed into out/compressed."""
-    config = make_config(PROTOCOL)
+    config = protocol("none")
     start = time.perf_counter()
     result = scratch(out / "compressed", config, out / f"scratch-{budget}", budget=budget, force=True)
     model = result["model"].cpu()
@@ -106,7 +111,7 @@ def fit(model, config, run_dir: Path, callbacks) -> list[dict]:
 def torch_pruning_row(pruner_name: str, reduction: float, out: Path) -> dict:
     import torch_pruning as tp
 
-    config = make_config({**PROTOCOL, "method": "none"})
+    config = protocol("none")
     size = input_size(config)
     torch.manual_seed(config.seed)
     model = build(model_spec(config))
@@ -155,11 +160,11 @@ def main():
     parser.add_argument("--scratch", default="", help="methods whose pruned spec is also trained scratch-E and -B")
     parser.add_argument("--torch-pruning", default="", help="bn-scale and/or group-norm (needs the 'bench' extra)")
     parser.add_argument("--table", action="store_true", help="only print the table of OUT/rows.jsonl")
-    parser.add_argument("--epochs", type=int, default=PROTOCOL["epochs"], help="sparse epochs (a smoke run: 1)")
-    parser.add_argument("--finetune-epochs", type=int, default=PROTOCOL["finetune_epochs"])
-    parser.add_argument("--train-subset", type=int, default=PROTOCOL["train_subset"])
+    parser.add_argument("--epochs", type=int, help="instead of the recipes' 10 (a smoke run: 1)")
+    parser.add_argument("--finetune-epochs", type=int, help="instead of the recipes' 5")
+    parser.add_argument("--train-subset", type=int, help="instead of the recipes' 20000")
     args = parser.parse_args()
-    PROTOCOL.update(epochs=args.epochs, finetune_epochs=args.finetune_epochs, train_subset=args.train_subset)
+    OVERRIDES.update(epochs=args.epochs, finetune_epochs=args.finetune_epochs, train_subset=args.train_subset)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_file = out / "rows.jsonl"

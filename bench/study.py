@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from prunekit.compress import compress_run, load
+from prunekit.compress import compress_run
 from prunekit.config import resolve
 from prunekit.distributed import DistContext, pick_device
 from prunekit.engine import Callback, Trainer
 from prunekit.measure import count_macs, count_params, measure_latency
 from prunekit.methods import build_method
 from prunekit.models import build
-from prunekit.protocols import export_accuracy, finetune, finetune_config, scratch
+from prunekit.protocols import export_accuracy, finetune, finetune_config, scratch, evaluate_accuracy
 from prunekit.runner import input_size, make_loaders, model_spec, train
 from prunekit.schedule import make_policy
 
@@ -126,9 +126,7 @@ def torch_pruning_row(pruner_name: str, reduction: float, out: Path) -> dict:
     base = count_macs(model, size)
     while count_macs(model, size) > (1 - reduction) * base:  # Torch-Pruning's own recipe for a FLOPs target
         pruner.step()
-    ctx = DistContext(device=pick_device(config.device))
-    _, loaders = make_loaders(config, ctx)
-    pruned_acc = Trainer(model, [], make_policy(config), None, loaders, epochs=0, ctx=ctx).evaluate(loaders["test"])["acc"]
+    pruned_acc = evaluate_accuracy(model, config)
     tuned = fit(model, finetune_config(config), out / "finetune", [])
     ms, speedup = latency_speedup(model.cpu(), size)
     return {"method": f"torch-pruning {pruner_name}", "protocol": "fine-tune", "reduction_target": reduction,

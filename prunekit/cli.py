@@ -5,7 +5,6 @@ import argparse
 import json
 import sys
 from dataclasses import fields
-from pathlib import Path
 
 from . import spec as specs
 from .config import Config, ConfigError, resolve

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .engine import Callback, Trainer
+from .engine import Callback
 from .gates import BinaryGate, EpsilonGate, GateConfig, ScaleGate, gate_parameters
 from .optim import APG, ISTA, add_l1_subgradient, ista_cost_weight
 

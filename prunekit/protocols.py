@@ -16,6 +16,8 @@ import dataclasses
 import math
 from pathlib import Path
 
+import torch
+
 from . import spec as specs
 from .checkpoint import atomic_write_json
 from .compress import compress_run, load
@@ -130,12 +132,17 @@ def scratch(pruned: str | Path, config: Config, out: str | Path, *, budget: str 
     return train(dataclasses.replace(run_config, model=str(path)), out, resume=resume, force=force, log=log)
 
 
-def export_accuracy(export_dir: str | Path, config: Config) -> float:
-    """Top-1 accuracy of an exported model on the test split of `config.data`."""
+def evaluate_accuracy(model: torch.nn.Module, config: Config) -> float:
+    """Top-1 accuracy of `model` on the test split of `config.data`."""
     ctx = DistContext(device=pick_device(config.device))
     _, loaders = make_loaders(config, ctx)
-    evaluator = Trainer(load(export_dir), [], LRPolicy(0.0, 1), None, loaders, epochs=0, ctx=ctx)
+    evaluator = Trainer(model, [], LRPolicy(0.0, 1), None, loaders, epochs=0, ctx=ctx)
     return evaluator.evaluate(loaders["test"])["acc"]
+
+
+def export_accuracy(export_dir: str | Path, config: Config) -> float:
+    """Top-1 accuracy of an exported model on the test split of `config.data`."""
+    return evaluate_accuracy(load(export_dir), config)
 
 
 def multi_stage_ista(config: Config, out: str | Path, *, warmup_penalty: float = 0.001, penalty: float = 0.005,

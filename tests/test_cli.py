@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from prunekit.cli import main
 from prunekit.compress import load_any

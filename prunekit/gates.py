@@ -65,18 +65,26 @@ class BinaryGate(nn.Module):
         return f"size={self.weight.numel()}, threshold={self.threshold}"
 
 
-def strict_identity_factor(branch: torch.Tensor, epsilon: float) -> torch.Tensor:
+def branch_peak(branch: torch.Tensor) -> torch.Tensor:
+    """max |l| over the whole batch tensor (and over DDP ranks, so replicas agree): the branch is
+    discarded exactly when this is ≤ ε. One min/max pass over the activation."""
+    low, high = torch.aminmax(branch)
+    peak = torch.maximum(high, -low)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return peak
+
+
+def strict_identity_factor(branch: torch.Tensor, epsilon: float, peak: torch.Tensor | None = None) -> torch.Tensor:
     """ε-ResNet's sparsity-promoting function, built from ReLUs only (Yu et al. 2018, eq. 3-4).
 
     s = max over the whole batch tensor of relu(l − ε) + relu(−l − ε); w = relu(1 − L·relu(1 − L·s)).
-    w is 0 exactly when every |element| ≤ ε, else 1 (for s ≥ 1/L).
+    w is 0 exactly when every |element| ≤ ε, else 1 (for s ≥ 1/L). `peak`: `branch_peak(branch)` if
+    already computed.
     """
     # relu(l − ε) + relu(−l − ε) = relu(|l| − ε) elementwise, and relu is monotone, so the max over
-    # the tensor is relu(max|l| − ε) = relu(max(max l, −min l) − ε): one min/max pass over the activation.
-    low, high = torch.aminmax(branch)
-    s = F.relu(torch.maximum(high, -low) - epsilon)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(s, op=dist.ReduceOp.MAX)
+    # the tensor is relu(max|l| − ε).
+    s = F.relu((branch_peak(branch) if peak is None else peak) - epsilon)
     return F.relu(F.relu(s * -EPSILON_SLOPE + 1) * -EPSILON_SLOPE + 1)
 
 
@@ -90,13 +98,16 @@ class EpsilonGate(nn.Module):
         self.ema_decay = ema_decay
         self.register_buffer("is_discarded", torch.zeros(()))
         self.register_buffer("discarded_average", torch.zeros(()))
+        self.register_buffer("peak_average", torch.zeros(()))  # moving average of max |F(x)|: how far from ε
 
     def forward(self, x):
         with torch.no_grad():
-            w = strict_identity_factor(x.detach().float(), self.epsilon)
+            peak = branch_peak(x.detach().float())
+            w = strict_identity_factor(x, self.epsilon, peak)
             if self.training:
                 self.is_discarded.copy_((w == 0).float())
                 self.discarded_average.mul_(self.ema_decay).add_((1 - self.ema_decay) * self.is_discarded)
+                self.peak_average.mul_(self.ema_decay).add_((1 - self.ema_decay) * peak)
         return x * w.to(x.dtype)
 
     def factor(self) -> torch.Tensor:

@@ -145,6 +145,7 @@ def sparsity_metrics(model: nn.Module, method: str, costs: dict[str, float] | No
         metrics["dead_blocks"] = len(dead.blocks)
     if method == "epsilon-resnet":
         metrics["discarded_blocks"] = sum(float(blk.gate.is_discarded) for _, _, blk in blocks if blk.spec.has_branch)
+        metrics["branch_peak"] = [round(float(blk.gate.peak_average), 4) for _, _, blk in blocks if blk.spec.has_branch]
     if costs:
         factors = {g.name: channel_factor(g) for g in groups}
         metrics["group_lasso"] = sum(costs[n] * float(f.abs().sum()) for n, f in factors.items())

@@ -38,6 +38,7 @@ def test_each_method_trains_and_logged_counts_match_the_gates(tmp_path, tiny_fmn
         assert 0 < last["fake_sparsity"] <= 1 and last["group_lasso"] >= 0
     if method == "epsilon-resnet":
         assert "discarded_blocks" in last
+        assert last["branch_peak"] == recomputed["branch_peak"] and all(p > 0 for p in last["branch_peak"])
     assert run_cli("compress", out) == 0
     card = json.loads((out / "compressed" / "card.json").read_text())
     assert card["macs_after"] <= card["macs_before"]

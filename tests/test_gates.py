@@ -28,6 +28,7 @@ def test_epsilon_gate_passes_identity_or_zero_and_blocks_gradient_through_factor
     y2.sum().backward()
     assert torch.equal(x2.grad, torch.ones_like(x2))
     assert abs(gate.discarded_average.item() - 0.01 * 0.99) < 1e-7
+    assert abs(gate.peak_average.item() - (0.01 * 0.5 * 0.99 + 0.01 * 3.0)) < 1e-7  # max |F(x)|, averaged
 
 
 def test_epsilon_function_is_built_from_relu_only():

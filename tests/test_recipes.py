@@ -51,3 +51,8 @@ def test_sss_scratch_recipes_use_the_scratch_budgets(depth):
     assert (recipes["b"].epochs, recipes["b"].milestones) == scratch_b_schedule(100, [30, 60, 90], ratio)
     for config in recipes.values():
         assert (config.model, config.method, config.schedule) == (f"recipes/specs/resnet{depth}.json", "none", "step")
+
+
+def test_every_recipe_is_listed_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    assert [path.name for path in RECIPES if f"`{path.name}`" not in readme] == []

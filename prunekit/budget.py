@@ -237,34 +237,79 @@ class BudgetController(Callback):
 
 
 class EpsilonBudget(Callback):
-    """ε-ResNet under a budget: after each epoch, ε grows or shrinks by the same law as the penalty
-    (blocks are discarded when their whole output is within ε) until the projected cost meets the
-    target; then ε is held. Only whole blocks go, so the target is met to within one block."""
+    """ε-ResNet under a budget. After each epoch ε is scaled by the penalty's law, steered by the cost
+    projected from the blocks discarded in the last step, until that meets the target or the deadline.
+    Then the dead set is frozen: blocks are taken in the order (discarded now, smallest moving-average
+    max |F(x)|) and the prefix whose cost is nearest the target is discarded for good (ε = ∞, moving
+    average 1, so compression's rule removes them); every other block keeps ε = 0 and can no longer be
+    discarded. Only whole blocks go, so the target is met to within one block's cost.
+
+    The configured ε is set by `EpsilonSchedule` at each epoch start; this callback, which runs after
+    it, multiplies it by its learned scale (or restores the frozen per-block values).
+    """
 
     def __init__(self, spec, input_hw, target: int, metric: str, reach_fraction: float, gain: float = 4.0):
         self.spec, self.input_hw, self.target, self.metric = spec, input_hw, target, metric
-        self.reach_fraction, self.gain, self.frozen = reach_fraction, gain, False
+        self.reach_fraction, self.gain = reach_fraction, gain
+        self.scale, self.frozen_epsilons = 1.0, None
+
+    @property
+    def frozen(self) -> bool:
+        return self.frozen_epsilons is not None
+
+    def on_epoch_start(self, trainer, epoch):
+        gates, _ = self._gated_blocks(trainer.model)
+        for i, gate in enumerate(gates):
+            gate.epsilon.fill_(self.frozen_epsilons[i] if self.frozen else float(gate.epsilon) * self.scale)
+
+    @staticmethod
+    def _gated_blocks(model):
+        """(gates, their (stage, block) positions) of the residual blocks with a branch."""
+        pairs = [(blk.gate, (s, b)) for s, b, blk in model.residual_blocks()
+                 if blk.spec.has_branch and isinstance(blk.gate, EpsilonGate)]
+        return [g for g, _ in pairs], [p for _, p in pairs]
+
+    def _cost(self, model, blocks) -> int:
+        return getattr(spec_cost(projected_spec(model, self.spec, DeadSet(blocks=set(blocks))), self.input_hw),
+                       self.metric)
+
+    def _freeze(self, model) -> None:
+        gates, positions = self._gated_blocks(model)
+        order = sorted(range(len(gates)), key=lambda i: (-float(gates[i].is_discarded), float(gates[i].peak_average)))
+        costs = [self._cost(model, [positions[i] for i in order[:k]]) for k in range(len(order) + 1)]
+        chosen = set(order[:min(range(len(costs)), key=lambda k: (abs(costs[k] - self.target), k))])
+        for i, gate in enumerate(gates):
+            gate.epsilon.fill_(math.inf if i in chosen else 0.0)
+            if i in chosen:
+                gate.discarded_average.fill_(1.0)
+                gate.is_discarded.fill_(1.0)
+        self.frozen_epsilons = [float(gate.epsilon) for gate in gates]
 
     def epoch_metrics(self, trainer, epoch):
+        model = trainer.model
         dense = getattr(spec_cost(self.spec, self.input_hw), self.metric)
-        projected = getattr(projected_cost(trainer.model, self.spec, "epsilon-resnet", self.input_hw), self.metric)
-        gates = [m for m in trainer.model.modules() if isinstance(m, EpsilonGate)]
+        gates, positions = self._gated_blocks(model)
+        discarded_now = [p for g, p in zip(gates, positions) if float(g.is_discarded) == 1.0]
         t = (epoch + 1) / trainer.epochs
-        if not self.frozen and (projected <= self.target or t >= self.reach_fraction):
-            self.frozen = True
         if not self.frozen:
-            ramp = 1 - (1 - self.target / dense) * min(t / self.reach_fraction, 1.0)
-            factor = math.exp(max(min(self.gain * (projected / dense - ramp), math.log(2)), -math.log(2)))
-            for gate in gates:
-                gate.epsilon *= factor
-        return {"epsilon": gates[0].epsilon if gates else None, f"projected_{self.metric}": projected,
+            now = self._cost(model, discarded_now)
+            if now <= self.target or t >= self.reach_fraction:
+                self._freeze(model)
+            else:
+                ramp = 1 - (1 - self.target / dense) * min(t / self.reach_fraction, 1.0)
+                factor = math.exp(max(min(self.gain * (now / dense - ramp), math.log(2)), -math.log(2)))
+                self.scale *= factor
+                for gate in gates:
+                    gate.epsilon.mul_(factor)
+        projected = getattr(projected_cost(model, self.spec, "epsilon-resnet", self.input_hw), self.metric)
+        return {"epsilon_scale": self.scale, f"projected_{self.metric}": projected,
                 f"target_{self.metric}": self.target, "budget_frozen": self.frozen}
 
     def state_dict(self):
-        return {"frozen": self.frozen}
+        return {"scale": self.scale, "frozen_epsilons": self.frozen_epsilons}
 
     def load_state_dict(self, state):
-        self.frozen = state["frozen"]
+        self.scale, self.frozen_epsilons = state["scale"], state["frozen_epsilons"]
 
 
 def slimming_percent_for_target(model, spec, input_hw, target: int, metric: str = "macs") -> float:

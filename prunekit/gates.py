@@ -75,7 +75,7 @@ def branch_peak(branch: torch.Tensor) -> torch.Tensor:
     return peak
 
 
-def strict_identity_factor(branch: torch.Tensor, epsilon: float, peak: torch.Tensor | None = None) -> torch.Tensor:
+def strict_identity_factor(branch: torch.Tensor, epsilon: float | torch.Tensor, peak: torch.Tensor | None = None) -> torch.Tensor:
     """ε-ResNet's sparsity-promoting function, built from ReLUs only (Yu et al. 2018, eq. 3-4).
 
     s = max over the whole batch tensor of relu(l − ε) + relu(−l − ε); w = relu(1 − L·relu(1 − L·s)).
@@ -94,8 +94,8 @@ class EpsilonGate(nn.Module):
 
     def __init__(self, epsilon: float = 2.5, ema_decay: float = 0.99):
         super().__init__()
-        self.epsilon = epsilon
         self.ema_decay = ema_decay
+        self.register_buffer("epsilon", torch.tensor(float(epsilon)))  # a buffer: a budget's per-block ε is saved
         self.register_buffer("is_discarded", torch.zeros(()))
         self.register_buffer("discarded_average", torch.zeros(()))
         self.register_buffer("peak_average", torch.zeros(()))  # moving average of max |F(x)|: how far from ε
@@ -114,7 +114,7 @@ class EpsilonGate(nn.Module):
         return 1.0 - self.is_discarded
 
     def extra_repr(self) -> str:
-        return f"epsilon={self.epsilon}"
+        return f"epsilon={float(self.epsilon)}"
 
 
 @dataclass

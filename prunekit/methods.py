@@ -203,7 +203,7 @@ class EpsilonSchedule(Callback):
     def on_epoch_start(self, trainer, epoch):
         for m in trainer.model.modules():
             if isinstance(m, EpsilonGate):
-                m.epsilon = self.epsilon if epoch >= self.start_epoch else 0.0
+                m.epsilon.fill_(self.epsilon if epoch >= self.start_epoch else 0.0)
 
 
 # --- assembling a method ---------------------------------------------------------------------

@@ -5,7 +5,9 @@ import pytest
 
 from prunekit.cli import main
 from prunekit.compress import load_any
+from prunekit.measure import spec_cost
 from prunekit.methods import dead_structures, sparsity_metrics
+from prunekit.models import zoo_spec
 
 TINY = ["--model", "resnet20", "--epochs", "2", "--batch-size", "32", "--lr", "0.05"]
 
@@ -56,6 +58,23 @@ def test_sss_compression_is_exact_from_a_trained_run(tmp_path, tiny_fmnist):
     run_cli("compress", out)
     card = json.loads((out / "compressed" / "card.json").read_text())
     assert card["exact"] and card["max_logit_difference"] < 1e-4 and card["macs_ratio"] < 1
+
+
+def test_epsilon_resnet_budget_freezes_the_blocks_nearest_the_target_and_compresses_exactly(tmp_path, tiny_fmnist):
+    """Too short a run for any branch to fall within ε: at the deadline the controller discards, for good,
+    the blocks with the smallest max |F(x)|, as many as bring the MACs nearest half."""
+    out = tmp_path / "eps"
+    assert run_cli("train", *TINY, "--epochs", 3, "--data-dir", tiny_fmnist, "--method", "epsilon-resnet",
+                   "--target-macs", "0.5", "--out", out) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    frozen = metrics[-1]
+    assert frozen["budget_frozen"] and not metrics[0]["budget_frozen"]
+    dense = spec_cost(zoo_spec("resnet20", in_channels=1), (28, 28)).macs
+    assert abs(frozen["projected_macs"] / dense - 0.5) < 0.06  # one ResNet-20 block is 11.6% of the MACs
+    assert frozen["dead_blocks"] == frozen["discarded_blocks"] > 0
+    assert run_cli("compress", out) == 0
+    card = json.loads((out / "compressed" / "card.json").read_text())
+    assert card["macs_after"] == frozen["projected_macs"] and card["max_logit_difference"] < 1e-4
 
 
 def test_train_eval_info(tmp_path, tiny_fmnist, capsys):

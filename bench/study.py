@@ -142,7 +142,8 @@ def table(rows: list[dict]) -> str:
 
     lines = ["| method | protocol | MACs reduction target | achieved | within ±2% | sparse acc | right after compression | "
              "final acc | params | latency b64 ms | speed-up b64 | minutes |", "|" + "---|" * 12]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["reduction_target"], r["method"].startswith("torch"), r["method"],
+                                         r["protocol"])):
         within = "yes" if abs(r["reduction"] - r["reduction_target"]) <= 0.02 else "no"
         lines.append(f"| {r['method']} | {r['protocol']} | {r['reduction_target']:.0%} | {r['reduction']:.1%} | {within} | "
                      f"{pct(r['sparse_acc'])} | {pct(r['compressed_acc'])} | {pct(r['final_acc'])} | {r['params']:,} | "

@@ -275,7 +275,8 @@ class EpsilonBudget(Callback):
 
     def _freeze(self, model) -> None:
         gates, positions = self._gated_blocks(model)
-        order = sorted(range(len(gates)), key=lambda i: (-float(gates[i].is_discarded), float(gates[i].peak_average)))
+        order = sorted(range(len(gates)),
+                       key=lambda i: (-float(gates[i].is_discarded), float(gates[i].peak_average)))
         costs = [self._cost(model, [positions[i] for i in order[:k]]) for k in range(len(order) + 1)]
         chosen = set(order[:min(range(len(costs)), key=lambda k: (abs(costs[k] - self.target), k))])
         for i, gate in enumerate(gates):

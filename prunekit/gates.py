@@ -75,7 +75,8 @@ def branch_peak(branch: torch.Tensor) -> torch.Tensor:
     return peak
 
 
-def strict_identity_factor(branch: torch.Tensor, epsilon: float | torch.Tensor, peak: torch.Tensor | None = None) -> torch.Tensor:
+def strict_identity_factor(branch: torch.Tensor, epsilon: float | torch.Tensor,
+                           peak: torch.Tensor | None = None) -> torch.Tensor:
     """ε-ResNet's sparsity-promoting function, built from ReLUs only (Yu et al. 2018, eq. 3-4).
 
     s = max over the whole batch tensor of relu(l − ε) + relu(−l − ε); w = relu(1 − L·relu(1 − L·s)).

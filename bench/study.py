@@ -28,7 +28,7 @@ from prunekit.compress import compress_run
 from prunekit.config import resolve
 from prunekit.distributed import DistContext, pick_device
 from prunekit.engine import Callback, Trainer
-from prunekit.measure import count_macs, count_params, measure_latency
+from prunekit.measure import count_macs, count_params, measure_latency, spec_cost
 from prunekit.methods import build_method
 from prunekit.models import build
 from prunekit.protocols import export_accuracy, finetune, finetune_config, scratch, evaluate_accuracy
@@ -77,14 +77,13 @@ def scratch_row(method: str, reduction: float, budget: str, out: Path) -> dict:
     config = protocol("none")
     start = time.perf_counter()
     result = scratch(out / "compressed", config, out / f"scratch-{budget}", budget=budget, force=True)
-    model = result["model"].cpu()
-    ms, speedup = latency_speedup(model, input_size(config))
     size = input_size(config)
+    ms, speedup = latency_speedup(result["model"].cpu(), size)
+    cost, dense = spec_cost(result["spec"], size[1:]), spec_cost(model_spec(config), size[1:])
     return {"method": method, "protocol": f"scratch-{budget} ({len(result['history'])} epochs)",
-            "reduction_target": reduction, "reduction": 1 - count_macs(model, size) / count_macs(
-                build(model_spec(config)), size), "sparse_acc": None, "compressed_acc": None,
-            "final_acc": result["history"][-1]["test_acc"], "params": count_params(model),
-            "macs": count_macs(model, size), "latency_ms_b64": ms, "speedup_b64": speedup,
+            "reduction_target": reduction, "reduction": 1 - cost.macs / dense.macs, "sparse_acc": None,
+            "compressed_acc": None, "final_acc": result["history"][-1]["test_acc"], "params": cost.params,
+            "macs": cost.macs, "latency_ms_b64": ms, "speedup_b64": speedup,
             "max_logit_difference": None, "minutes": (time.perf_counter() - start) / 60}
 
 
@@ -129,10 +128,11 @@ def torch_pruning_row(pruner_name: str, reduction: float, out: Path) -> dict:
     pruned_acc = evaluate_accuracy(model, config)
     tuned = fit(model, finetune_config(config), out / "finetune", [])
     ms, speedup = latency_speedup(model.cpu(), size)
+    macs = count_macs(model, size)
     return {"method": f"torch-pruning {pruner_name}", "protocol": "fine-tune", "reduction_target": reduction,
-            "reduction": 1 - count_macs(model, size) / base, "sparse_acc": sparse[-1]["test_acc"],
+            "reduction": 1 - macs / base, "sparse_acc": sparse[-1]["test_acc"],
             "compressed_acc": pruned_acc, "final_acc": tuned[-1]["test_acc"], "params": count_params(model),
-            "macs": count_macs(model, size), "latency_ms_b64": ms, "speedup_b64": speedup,
+            "macs": macs, "latency_ms_b64": ms, "speedup_b64": speedup,
             "max_logit_difference": None, "minutes": (time.perf_counter() - start) / 60}
 
 

@@ -251,6 +251,7 @@ class EpsilonBudget(Callback):
     def __init__(self, spec, input_hw, target: int, metric: str, reach_fraction: float, gain: float = 4.0):
         self.spec, self.input_hw, self.target, self.metric = spec, input_hw, target, metric
         self.reach_fraction, self.gain = reach_fraction, gain
+        self.dense = getattr(spec_cost(spec, input_hw), metric)
         self.scale, self.frozen_epsilons = 1.0, None
 
     @property
@@ -288,7 +289,6 @@ class EpsilonBudget(Callback):
 
     def epoch_metrics(self, trainer, epoch):
         model = trainer.model
-        dense = getattr(spec_cost(self.spec, self.input_hw), self.metric)
         gates, positions = self._gated_blocks(model)
         discarded_now = [p for g, p in zip(gates, positions) if float(g.is_discarded) == 1.0]
         t = (epoch + 1) / trainer.epochs
@@ -297,8 +297,8 @@ class EpsilonBudget(Callback):
             if now <= self.target or t >= self.reach_fraction:
                 self._freeze(model)
             else:
-                ramp = 1 - (1 - self.target / dense) * min(t / self.reach_fraction, 1.0)
-                factor = math.exp(max(min(self.gain * (now / dense - ramp), math.log(2)), -math.log(2)))
+                ramp = 1 - (1 - self.target / self.dense) * min(t / self.reach_fraction, 1.0)
+                factor = math.exp(max(min(self.gain * (now / self.dense - ramp), math.log(2)), -math.log(2)))
                 self.scale *= factor
                 for gate in gates:
                     gate.epsilon.mul_(factor)

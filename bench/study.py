@@ -9,9 +9,10 @@ regularizer, prunes globally in small steps until the MACs reach the budget, the
 Latency: batch 64, 1×28×28, dense and pruned interleaved in one process, median of 3 rounds.
 
     python bench/study.py --out runs/study --methods sss,ista-bn --reductions 0.3,0.5,0.7 \
-        [--scratch sss] [--torch-pruning bn-scale,group-norm]
+        [--scratch sss] [--torch-pruning bn-scale,group-norm] [--seed 1]
 
-Rows are appended to OUT/rows.jsonl as they finish; a row already there is not run again.
+Rows are appended to OUT/rows.jsonl as they finish; a row already there (same seed) is not run again.
+With several seeds of a row, the table is followed by their mean and range.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def prunekit_row(method: str, reduction: float, out: Path) -> dict:
     compressed_acc = export_accuracy(out / "compressed", config)
     tuned = finetune(out / "compressed", config, out / "finetune", force=True)
     ms, speedup = latency_speedup(tuned["model"].cpu(), input_size(config))
-    return {"method": method, "protocol": "fine-tune", "reduction_target": reduction,
+    return {"method": method, "protocol": "fine-tune", "reduction_target": reduction, "seed": config.seed,
             "reduction": 1 - card["macs_after"] / card["macs_before"], "sparse_acc": sparse["history"][-1]["test_acc"],
             "compressed_acc": compressed_acc, "final_acc": tuned["history"][-1]["test_acc"],
             "params": card["params_after"], "macs": card["macs_after"], "latency_ms_b64": ms, "speedup_b64": speedup,
@@ -81,7 +82,8 @@ def scratch_row(method: str, reduction: float, budget: str, out: Path) -> dict:
     ms, speedup = latency_speedup(result["model"].cpu(), size)
     cost, dense = spec_cost(result["spec"], size[1:]), spec_cost(model_spec(config), size[1:])
     return {"method": method, "protocol": f"scratch-{budget} ({len(result['history'])} epochs)",
-            "reduction_target": reduction, "reduction": 1 - cost.macs / dense.macs, "sparse_acc": None,
+            "reduction_target": reduction, "seed": config.seed, "reduction": 1 - cost.macs / dense.macs,
+            "sparse_acc": None,
             "compressed_acc": None, "final_acc": result["history"][-1]["test_acc"], "params": cost.params,
             "macs": cost.macs, "latency_ms_b64": ms, "speedup_b64": speedup,
             "max_logit_difference": None, "minutes": (time.perf_counter() - start) / 60}
@@ -130,25 +132,50 @@ def torch_pruning_row(pruner_name: str, reduction: float, out: Path) -> dict:
     ms, speedup = latency_speedup(model.cpu(), size)
     macs = count_macs(model, size)
     return {"method": f"torch-pruning {pruner_name}", "protocol": "fine-tune", "reduction_target": reduction,
+            "seed": config.seed,
             "reduction": 1 - macs / base, "sparse_acc": sparse[-1]["test_acc"],
             "compressed_acc": pruned_acc, "final_acc": tuned[-1]["test_acc"], "params": count_params(model),
             "macs": macs, "latency_ms_b64": ms, "speedup_b64": speedup,
             "max_logit_difference": None, "minutes": (time.perf_counter() - start) / 60}
 
 
-def table(rows: list[dict]) -> str:
-    def pct(x):
-        return "–" if x is None else f"{x:.2%}"
+def pct(x) -> str:
+    return "–" if x is None else f"{x:.2%}"
 
-    lines = ["| method | protocol | MACs reduction target | achieved | within ±2% | sparse acc | right after compression | "
-             "final acc | params | latency b64 ms | speed-up b64 | minutes |", "|" + "---|" * 12]
-    for r in sorted(rows, key=lambda r: (r["reduction_target"], r["method"].startswith("torch"), r["method"],
-                                         r["protocol"])):
+
+def row_key(r: dict) -> tuple:
+    """Rows with the same key differ only in their seed (rows written before seeds were recorded: seed 0)."""
+    return r["reduction_target"], r["method"].startswith("torch"), r["method"], r["protocol"]
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | protocol | MACs reduction target | seed | achieved | within ±2% | sparse acc | "
+             "right after compression | final acc | params | latency b64 ms | speed-up b64 | minutes |",
+             "|" + "---|" * 13]
+    for r in sorted(rows, key=lambda r: (*row_key(r), r.get("seed", 0))):
         within = "yes" if abs(r["reduction"] - r["reduction_target"]) <= 0.02 else "no"
-        lines.append(f"| {r['method']} | {r['protocol']} | {r['reduction_target']:.0%} | {r['reduction']:.1%} | {within} | "
-                     f"{pct(r['sparse_acc'])} | {pct(r['compressed_acc'])} | {pct(r['final_acc'])} | {r['params']:,} | "
-                     f"{r['latency_ms_b64']:.1f} | {r['speedup_b64']:.2f}x | {r['minutes']:.1f} |")
+        lines.append(f"| {r['method']} | {r['protocol']} | {r['reduction_target']:.0%} | {r.get('seed', 0)} | "
+                     f"{r['reduction']:.1%} | {within} | {pct(r['sparse_acc'])} | {pct(r['compressed_acc'])} | "
+                     f"{pct(r['final_acc'])} | {r['params']:,} | {r['latency_ms_b64']:.1f} | "
+                     f"{r['speedup_b64']:.2f}x | {r['minutes']:.1f} |")
     return "\n".join(lines)
+
+
+def seed_summary(rows: list[dict]) -> str:
+    """Mean and range over seeds of the final accuracy and speed-up, for rows run with more than one seed."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(row_key(r), []).append(r)
+    lines = ["| method | protocol | MACs reduction target | seeds | final acc mean | final acc range | "
+             "speed-up b64 mean |", "|" + "---|" * 7]
+    for key in sorted(k for k, group in groups.items() if len(group) > 1):
+        group = groups[key]
+        final = [r["final_acc"] for r in group]
+        lines.append(f"| {group[0]['method']} | {group[0]['protocol']} | {key[0]:.0%} | "
+                     f"{', '.join(str(r.get('seed', 0)) for r in group)} | {pct(statistics.mean(final))} | "
+                     f"{pct(min(final))}–{pct(max(final))} | "
+                     f"{statistics.mean(r['speedup_b64'] for r in group):.2f}x |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def main():
@@ -162,8 +189,11 @@ def main():
     parser.add_argument("--epochs", type=int, help="instead of the recipes' 10 (a smoke run: 1)")
     parser.add_argument("--finetune-epochs", type=int, help="instead of the recipes' 5")
     parser.add_argument("--train-subset", type=int, help="instead of the recipes' 20000")
+    parser.add_argument("--seed", type=int, default=0, help="initialization and data order (the recipes': 0)")
     args = parser.parse_args()
-    OVERRIDES.update(epochs=args.epochs, finetune_epochs=args.finetune_epochs, train_subset=args.train_subset)
+    OVERRIDES.update(epochs=args.epochs, finetune_epochs=args.finetune_epochs, train_subset=args.train_subset,
+                     seed=args.seed)
+    suffix = f"-seed{args.seed}" if args.seed else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_file = out / "rows.jsonl"
@@ -172,17 +202,17 @@ def main():
         jobs = []
         for reduction in map(float, args.reductions.split(",")):
             for method in filter(None, args.methods.split(",")):
-                where = out / f"{method}-{reduction}"
+                where = out / f"{method}-{reduction}{suffix}"
                 jobs.append((method, reduction, "fine-tune", partial(prunekit_row, method, reduction, where)))
                 if method in args.scratch.split(","):
                     jobs += [(method, reduction, f"scratch-{b}", partial(scratch_row, method, reduction, b, where))
                              for b in "EB"]
             for name in filter(None, args.torch_pruning.split(",")):
                 jobs.append((f"torch-pruning {name}", reduction, "fine-tune",
-                             partial(torch_pruning_row, name, reduction, out / f"tp-{name}-{reduction}")))
+                             partial(torch_pruning_row, name, reduction, out / f"tp-{name}-{reduction}{suffix}")))
         for method, reduction, protocol, job in jobs:
-            if any(r["method"] == method and r["reduction_target"] == reduction and
-                   r["protocol"].split(" ")[0] == protocol for r in done):
+            if any(r["method"] == method and r["reduction_target"] == reduction and r.get("seed", 0) == args.seed
+                   and r["protocol"].split(" ")[0] == protocol for r in done):
                 continue
             row = job()
             done.append(row)
@@ -190,6 +220,7 @@ def main():
             with open(rows_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
     print(table(done))
+    print(seed_summary(done))
 
 
 if __name__ == "__main__":

@@ -111,14 +111,12 @@ class BudgetController(Callback):
         self.spec, self.method, self.input_hw = spec, method, input_hw
         self.target, self.metric, self.reach_fraction = target, metric, reach_fraction
         self.penalty, self.check_every, self.gain, self.margin = penalty, check_every, gain, margin
+        self.dense = getattr(spec_cost(spec, input_hw), metric)
         self.frozen = False
         self.fixed: list = []
         self.projected = None
 
     # --- helpers -----------------------------------------------------------------------------
-
-    def dense(self) -> int:
-        return getattr(spec_cost(self.spec, self.input_hw), self.metric)
 
     def _project(self, model) -> int:
         return getattr(projected_cost(model, self.spec, self.method, self.input_hw), self.metric)
@@ -155,13 +153,12 @@ class BudgetController(Callback):
         if (trainer.step_in_epoch + 1) % self.check_every and trainer.step_in_epoch + 1 != steps:
             return
         t = (trainer.epoch + (trainer.step_in_epoch + 1) / steps) / trainer.epochs
-        dense = self.dense()
         self.projected = self._project(trainer.model)
-        if self.projected <= self.target + self.margin * dense or t >= self.reach_fraction:
+        if self.projected <= self.target + self.margin * self.dense or t >= self.reach_fraction:
             self.freeze(trainer)
             return
-        ramp = 1 - (1 - self.target / dense) * min(t / self.reach_fraction, 1.0)
-        error = self.projected / dense - ramp
+        ramp = 1 - (1 - self.target / self.dense) * min(t / self.reach_fraction, 1.0)
+        error = self.projected / self.dense - ramp
         self._set_penalty(trainer, self.penalty * math.exp(max(min(self.gain * error, math.log(4)), -math.log(4))))
 
     @torch.no_grad()
@@ -171,8 +168,6 @@ class BudgetController(Callback):
         weights = cost_weights(model, self.spec, self.input_hw, self.metric)
         candidates = sorted(_structures(model),
                             key=lambda c: float(c[3].detach().view(-1)[c[2]].abs()) / weights[c[1]])
-
-        dense = self.dense()
 
         def cost_of(chosen):
             dead = DeadSet({g.name: torch.zeros(g.bn.num_features, dtype=torch.bool) for g in model.channel_groups()})
@@ -184,10 +179,10 @@ class BudgetController(Callback):
             return getattr(spec_cost(projected_spec(model, self.spec, dead, self.method in EXACT_METHODS),
                                      self.input_hw), self.metric)
 
-        chosen, cost = [], dense
+        chosen, cost = [], self.dense
         for candidate in candidates:
             trial = cost_of(chosen + [candidate])
-            if trial < self.target - self.margin * dense:
+            if trial < self.target - self.margin * self.dense:
                 continue  # removing it would overshoot the target: it stays
             chosen.append(candidate)
             cost = trial
@@ -287,22 +282,25 @@ class EpsilonBudget(Callback):
                 gate.is_discarded.fill_(1.0)
         self.frozen_epsilons = [float(gate.epsilon) for gate in gates]
 
-    def epoch_metrics(self, trainer, epoch):
+    def on_epoch_end(self, trainer, epoch):
+        """One control step: scale ε by the law, or freeze at the target or the deadline."""
+        if self.frozen:
+            return
         model = trainer.model
         gates, positions = self._gated_blocks(model)
-        discarded_now = [p for g, p in zip(gates, positions) if float(g.is_discarded) == 1.0]
+        now = self._cost(model, [p for g, p in zip(gates, positions) if float(g.is_discarded) == 1.0])
         t = (epoch + 1) / trainer.epochs
-        if not self.frozen:
-            now = self._cost(model, discarded_now)
-            if now <= self.target or t >= self.reach_fraction:
-                self._freeze(model)
-            else:
-                ramp = 1 - (1 - self.target / self.dense) * min(t / self.reach_fraction, 1.0)
-                factor = math.exp(max(min(self.gain * (now / self.dense - ramp), math.log(2)), -math.log(2)))
-                self.scale *= factor
-                for gate in gates:
-                    gate.epsilon.mul_(factor)
-        projected = getattr(projected_cost(model, self.spec, "epsilon-resnet", self.input_hw), self.metric)
+        if now <= self.target or t >= self.reach_fraction:
+            self._freeze(model)
+            return
+        ramp = 1 - (1 - self.target / self.dense) * min(t / self.reach_fraction, 1.0)
+        factor = math.exp(max(min(self.gain * (now / self.dense - ramp), math.log(2)), -math.log(2)))
+        self.scale *= factor
+        for gate in gates:
+            gate.epsilon.mul_(factor)
+
+    def epoch_metrics(self, trainer, epoch):
+        projected = getattr(projected_cost(trainer.model, self.spec, "epsilon-resnet", self.input_hw), self.metric)
         return {"epsilon_scale": self.scale, f"projected_{self.metric}": projected,
                 f"target_{self.metric}": self.target, "budget_frozen": self.frozen}
 

@@ -45,6 +45,9 @@ class Callback:
     def after_step(self, trainer: "Trainer") -> None:
         """All optimizers have stepped."""
 
+    def on_epoch_end(self, trainer: "Trainer", epoch: int) -> None:
+        """Called after the epoch's evaluation, before any callback's metrics (e.g. to act on the epoch)."""
+
     def epoch_metrics(self, trainer: "Trainer", epoch: int) -> dict:
         """Extra metrics logged for the epoch that just ended."""
         return {}
@@ -243,6 +246,8 @@ class Trainer:
             for name, loader in self.eval_loaders.items():
                 for key, value in self.evaluate(loader).items():
                     metrics[f"{name}_{key}"] = value
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, self.epoch)
             for cb in self.callbacks:
                 metrics.update(cb.epoch_metrics(self, self.epoch))
             self.policy.on_epoch_end(self.epoch, metrics)

@@ -72,6 +72,8 @@ def test_epsilon_resnet_budget_freezes_the_blocks_nearest_the_target_and_compres
     dense = spec_cost(zoo_spec("resnet20", in_channels=1), (28, 28)).macs
     assert abs(frozen["projected_macs"] / dense - 0.5) < 0.06  # one ResNet-20 block is 11.6% of the MACs
     assert frozen["dead_blocks"] == frozen["discarded_blocks"] > 0
+    first_frozen = next(m for m in metrics if m["budget_frozen"])  # the freeze acts before the epoch's metrics
+    assert first_frozen["dead_blocks"] == frozen["dead_blocks"]
     assert run_cli("compress", out) == 0
     card = json.loads((out / "compressed" / "card.json").read_text())
     assert card["macs_after"] == frozen["projected_macs"] and card["max_logit_difference"] < 1e-4

@@ -4,14 +4,15 @@ fine-tuned; the same pruned spec trained from scratch (E and B); Torch-Pruning a
 Protocol (issue "protocols"), read from recipes/fmnist-METHOD.yaml: ResNet-20 on Fashion-MNIST, first
 20k training images, full test set; sparse training 10 epochs from scratch (SGD Nesterov 0.9,
 one-cycle LR 0.1, wd 5e-4, batch 128, pad-2 crop + flip) with `target_macs = 1 - reduction`;
-compress; fine-tune 5 epochs at LR 0.01 (cosine). Torch-Pruning trains the plain ResNet-20 for the same 10 epochs with its pruner's
-regularizer, prunes globally in small steps until the MACs reach the budget, then fine-tunes alike.
+compress; fine-tune 5 epochs at LR 0.01 (cosine). Torch-Pruning trains the plain ResNet-20 for the
+same 10 epochs with its pruner's regularizer, prunes globally in small steps until the MACs reach the
+budget, then fine-tunes alike.
 Latency: batch 64, 1×28×28, dense and pruned interleaved in one process, median of 3 rounds.
 
     python bench/study.py --out runs/study --methods sss,ista-bn --reductions 0.3,0.5,0.7 \
-        [--scratch sss] [--torch-pruning bn-scale,group-norm] [--seed 1]
+        [--scratch sss] [--torch-pruning bn-scale,group-norm] [--seed 1] [--deadline 0.2]
 
-Rows are appended to OUT/rows.jsonl as they finish; a row already there (same seed) is not run again.
+Rows are appended to OUT/rows.jsonl as they finish; a row already there (same seed and deadline) is not run again.
 With several seeds of a row, the table is followed by their mean and range.
 """
 from __future__ import annotations
@@ -58,7 +59,7 @@ def latency_speedup(model: torch.nn.Module, size: tuple[int, ...], rounds: int =
     return statistics.median(pruned_ms), statistics.median(ratios)
 
 
-def prunekit_row(method: str, reduction: float, out: Path) -> dict:
+def prunekit_row(method: str, reduction: float, out: Path, tag: str = "") -> dict:
     config = protocol(method, target_macs=round(1 - reduction, 4))
     start = time.perf_counter()
     sparse = train(config, out / "sparse", force=True)
@@ -66,14 +67,14 @@ def prunekit_row(method: str, reduction: float, out: Path) -> dict:
     compressed_acc = export_accuracy(out / "compressed", config)
     tuned = finetune(out / "compressed", config, out / "finetune", force=True)
     ms, speedup = latency_speedup(tuned["model"].cpu(), input_size(config))
-    return {"method": method, "protocol": "fine-tune", "reduction_target": reduction, "seed": config.seed,
+    return {"method": method, "protocol": f"fine-tune{tag}", "reduction_target": reduction, "seed": config.seed,
             "reduction": 1 - card["macs_after"] / card["macs_before"], "sparse_acc": sparse["history"][-1]["test_acc"],
             "compressed_acc": compressed_acc, "final_acc": tuned["history"][-1]["test_acc"],
             "params": card["params_after"], "macs": card["macs_after"], "latency_ms_b64": ms, "speedup_b64": speedup,
             "max_logit_difference": card["max_logit_difference"], "minutes": (time.perf_counter() - start) / 60}
 
 
-def scratch_row(method: str, reduction: float, budget: str, out: Path) -> dict:
+def scratch_row(method: str, reduction: float, budget: str, out: Path, tag: str = "") -> dict:
     """Scratch-E or -B of the spec that `prunekit_row` compressed into out/compressed."""
     config = protocol("none")
     start = time.perf_counter()
@@ -81,11 +82,10 @@ def scratch_row(method: str, reduction: float, budget: str, out: Path) -> dict:
     size = input_size(config)
     ms, speedup = latency_speedup(result["model"].cpu(), size)
     cost, dense = spec_cost(result["spec"], size[1:]), spec_cost(model_spec(config), size[1:])
-    return {"method": method, "protocol": f"scratch-{budget} ({len(result['history'])} epochs)",
+    return {"method": method, "protocol": f"scratch-{budget}{tag} ({len(result['history'])} epochs)",
             "reduction_target": reduction, "seed": config.seed, "reduction": 1 - cost.macs / dense.macs,
-            "sparse_acc": None,
-            "compressed_acc": None, "final_acc": result["history"][-1]["test_acc"], "params": cost.params,
-            "macs": cost.macs, "latency_ms_b64": ms, "speedup_b64": speedup,
+            "sparse_acc": None, "compressed_acc": None, "final_acc": result["history"][-1]["test_acc"],
+            "params": cost.params, "macs": cost.macs, "latency_ms_b64": ms, "speedup_b64": speedup,
             "max_logit_difference": None, "minutes": (time.perf_counter() - start) / 60}
 
 
@@ -190,10 +190,13 @@ def main():
     parser.add_argument("--finetune-epochs", type=int, help="instead of the recipes' 5")
     parser.add_argument("--train-subset", type=int, help="instead of the recipes' 20000")
     parser.add_argument("--seed", type=int, default=0, help="initialization and data order (the recipes': 0)")
+    parser.add_argument("--deadline", type=float,
+                        help="target_epoch_fraction: reach the budget by this fraction of the epochs (recipes: 0.6)")
     args = parser.parse_args()
     OVERRIDES.update(epochs=args.epochs, finetune_epochs=args.finetune_epochs, train_subset=args.train_subset,
-                     seed=args.seed)
-    suffix = f"-seed{args.seed}" if args.seed else ""
+                     seed=args.seed, target_epoch_fraction=args.deadline)
+    suffix = (f"-by{args.deadline}" if args.deadline else "") + (f"-seed{args.seed}" if args.seed else "")
+    tag = f", budget by {args.deadline:.0%}" if args.deadline else ""  # in the protocol of prunekit's rows
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_file = out / "rows.jsonl"
@@ -203,16 +206,17 @@ def main():
         for reduction in map(float, args.reductions.split(",")):
             for method in filter(None, args.methods.split(",")):
                 where = out / f"{method}-{reduction}{suffix}"
-                jobs.append((method, reduction, "fine-tune", partial(prunekit_row, method, reduction, where)))
+                jobs.append((method, reduction, f"fine-tune{tag}",
+                             partial(prunekit_row, method, reduction, where, tag)))
                 if method in args.scratch.split(","):
-                    jobs += [(method, reduction, f"scratch-{b}", partial(scratch_row, method, reduction, b, where))
-                             for b in "EB"]
+                    jobs += [(method, reduction, f"scratch-{b}{tag}",
+                              partial(scratch_row, method, reduction, b, where, tag)) for b in "EB"]
             for name in filter(None, args.torch_pruning.split(",")):
                 jobs.append((f"torch-pruning {name}", reduction, "fine-tune",
                              partial(torch_pruning_row, name, reduction, out / f"tp-{name}-{reduction}{suffix}")))
         for method, reduction, protocol, job in jobs:
             if any(r["method"] == method and r["reduction_target"] == reduction and r.get("seed", 0) == args.seed
-                   and r["protocol"].split(" ")[0] == protocol for r in done):
+                   and r["protocol"].split(" (")[0] == protocol for r in done):
                 continue
             row = job()
             done.append(row)

@@ -49,7 +49,7 @@ def plot_curves(runs: list[Path], out: Path) -> Path:
 
 
 def plot_structure(runs: list[Path], out: Path) -> Path | None:
-    """Alive channels and blocks, and the budget's projected MACs, over epochs."""
+    """Alive channels and blocks over epochs."""
     series = [(run, read_metrics(run)) for run in runs]
     series = [(run, m) for run, m in series if m and "alive_channels" in m[0]]
     if not series:
@@ -62,16 +62,38 @@ def plot_structure(runs: list[Path], out: Path) -> Path | None:
         if "alive_blocks" in metrics[0]:
             for stage in range(len(metrics[0]["alive_blocks"])):
                 blocks.plot(epochs, [m["alive_blocks"][stage] for m in metrics], marker="o", label=f"stage {stage}")
-        if "projected_macs" in metrics[0]:
-            twin = blocks.twinx()
-            twin.plot(epochs, [m["projected_macs"] for m in metrics], "k--", label="projected MACs")
-            twin.axhline(metrics[0]["target_macs"], color="r", lw=0.8)
-            twin.set_ylabel("projected MACs (dashed) / target (red)")
     channels.set(xlabel="epoch", ylabel="alive channels", title="channels per group")
     blocks.set(xlabel="epoch", ylabel="alive blocks", title="residual blocks per stage")
     channels.legend(fontsize=6, ncol=2)
     blocks.legend(fontsize=7)
     return _save(fig, out / "structure.png")
+
+
+def plot_budget(runs: list[Path], out: Path) -> Path | None:
+    """The budget controller per epoch: projected cost against the target, and the penalty (or ε scale)."""
+    series = [(run, read_metrics(run)) for run in runs]
+    series = [(run, m, metric) for run, m in series for metric in ("macs", "params")
+              if m and f"target_{metric}" in m[0]]
+    if not series:
+        return None
+    fig, (cost, control) = plt.subplots(1, 2, figsize=(11, 4))
+    for run, metrics, metric in series:
+        label = f"{run.parent.name}/{run.name}"
+        epochs = [m["epoch"] for m in metrics]
+        line, = cost.plot(epochs, [m[f"projected_{metric}"] / metrics[0][f"target_{metric}"] for m in metrics],
+                          marker="o", label=f"{label} ({metric})")
+        frozen = [m["epoch"] for m in metrics if m["budget_frozen"]]
+        if frozen:
+            cost.axvline(frozen[0], color=line.get_color(), ls=":", lw=0.8)
+        knob = "penalty" if "penalty" in metrics[0] else "epsilon_scale"
+        control.plot(epochs, [m[knob] for m in metrics], marker="o", color=line.get_color(), label=f"{label} {knob}")
+    cost.axhline(1.0, color="r", lw=0.8)
+    cost.set(xlabel="epoch", ylabel="projected cost / target", title="budget (dotted: frozen from)")
+    control.set(xlabel="epoch", ylabel="value at the end of the epoch", title="penalty / ε scale")
+    control.set_yscale("symlog", linthresh=1e-6)  # the penalty spans decades and is 0 once frozen
+    cost.legend(fontsize=7)
+    control.legend(fontsize=7)
+    return _save(fig, out / "budget.png")
 
 
 def plot_gate_histogram(run: Path, out: Path) -> Path | None:
@@ -118,9 +140,10 @@ def write_report(directories: list[str | Path], out: str | Path) -> Path:
     if rows:
         lines += [report_table(rows), f"![accuracy vs MACs]({plot_accuracy_vs_macs(rows, out).name})", ""]
     lines.append(f"![curves]({plot_curves(runs, out).name})")
-    structure = plot_structure(runs, out)
-    if structure:
-        lines.append(f"![structure]({structure.name})")
+    for name, plot in (("structure", plot_structure), ("budget", plot_budget)):
+        path = plot(runs, out)
+        if path:
+            lines.append(f"![{name}]({path.name})")
     for run in runs:
         histogram = plot_gate_histogram(run, out)
         if histogram:

@@ -22,7 +22,8 @@ def test_run_then_report(tmp_path, tiny_fmnist):
     report = tmp_path / "report"
     assert main(["report", str(out), "--out", str(report)]) == 0
     pngs = sorted(report.glob("*.png"))
-    assert {p.name for p in pngs} >= {"curves.png", "structure.png", "accuracy-vs-macs.png"}
+    assert {p.name for p in pngs} >= {"curves.png", "structure.png", "budget.png", "accuracy-vs-macs.png"}
+    assert "![budget](budget.png)" in (report / "report.md").read_text()
     for png in pngs:
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

@@ -4,11 +4,14 @@ penalty so that sparse training lands on a MACs or parameter target.
 Control law (every `check_every` steps until the target is reached or `reach_fraction` of the
 training has passed): with p the projected cost and r(t) a ramp from the dense cost at t=0 to the
 target at t = reach_fraction, both as fractions of the dense cost, the penalty is multiplied by
-exp(gain · (p − r(t))), clipped to [1/4, 4] per check. When p ≤ target + margin, or at the deadline,
-the dead set is chosen exactly: structures are ranked by |factor| / cost weight and taken in that order, skipping any whose
-removal would overshoot the target by more than the margin, until the target is met; they are zeroed
-and every other structure is kept alive (revived at a small value if it had reached zero). From then on the dead set is frozen (re-zeroed after every step), the penalty is 0, and the
-remaining structures keep training.
+exp(gain · (p − r(t))), clipped to [1/4, 4] per check and kept within [1/bound, bound] × the starting
+penalty (anti-windup: while p runs ahead of the ramp the penalty falls, but never so far that it
+cannot rise again within a few checks once p falls behind). When p ≤ target + margin, or at the
+deadline, the dead set is chosen exactly: structures are ranked by |factor| / cost weight and taken in
+that order, skipping any whose removal would overshoot the target by more than the margin, until the
+target is met; they are zeroed and every other structure is kept alive (revived at a small value if
+it had reached zero). From then on the dead set is frozen (re-zeroed after every step), the penalty
+is 0, and the remaining structures keep training.
 """
 from __future__ import annotations
 
@@ -107,10 +110,12 @@ class BudgetController(Callback):
     """Steers a proximal method's penalty to a MACs/params target, then freezes the dead set."""
 
     def __init__(self, spec, method: str, input_hw, target: int, metric: str, reach_fraction: float,
-                 penalty: float, check_every: int = 20, gain: float = 8.0, margin: float = 0.005):
+                 penalty: float, check_every: int = 20, gain: float = 8.0, margin: float = 0.005,
+                 bound: float = 100.0):
         self.spec, self.method, self.input_hw = spec, method, input_hw
         self.target, self.metric, self.reach_fraction = target, metric, reach_fraction
         self.penalty, self.check_every, self.gain, self.margin = penalty, check_every, gain, margin
+        self.limits = (penalty / bound, penalty * bound)
         self.dense = getattr(spec_cost(spec, input_hw), metric)
         self.frozen = False
         self.fixed: list = []
@@ -159,7 +164,8 @@ class BudgetController(Callback):
             return
         ramp = 1 - (1 - self.target / self.dense) * min(t / self.reach_fraction, 1.0)
         error = self.projected / self.dense - ramp
-        self._set_penalty(trainer, self.penalty * math.exp(max(min(self.gain * error, math.log(4)), -math.log(4))))
+        step = math.exp(max(min(self.gain * error, math.log(4)), -math.log(4)))
+        self._set_penalty(trainer, min(max(self.penalty * step, self.limits[0]), self.limits[1]))
 
     @torch.no_grad()
     def freeze(self, trainer) -> None:

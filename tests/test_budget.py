@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 from prunekit.budget import budget_callbacks, minimum_cost, projected_spec
@@ -57,3 +59,34 @@ def test_minimum_cost_is_stem_and_head_when_blocks_can_go():
     spec = zoo_spec("resnet20", shortcut="pad", in_channels=1)
     stem_and_head = 16 * 28 * 28 * 9 + 16 * 28 * 28 + 64 * 10
     assert minimum_cost(spec, (28, 28), "macs", remove_blocks=True) == stem_and_head
+
+
+def test_control_law_multiplies_the_penalty_and_stays_within_its_anti_windup_bounds(tmp_path):
+    """Ahead of the ramp the penalty falls by exp(gain · error) per check, at most 4× per check and never below
+    1/100 of the start; behind the ramp it rises, never above 100× the start (hand-computed values)."""
+    trainer = tiny_setup(tmp_path, "sss", epochs=10, penalty=0.01)
+    config = make_config({"method": "sss", "target_macs": 0.5, "penalty": 0.01})
+    (controller,) = budget_callbacks(trainer.model, trainer.model.spec, config, (1, 8, 8))
+    controller.setup(trainer)
+    dense, steps = controller.dense, len(trainer.train_loader)
+    trainer.epoch, trainer.step_in_epoch = 0, steps - 1  # a check at t = 0.1: ramp r = 1 − 0.5 · 0.1 / 0.6
+
+    def check(projected_fraction):
+        controller._project = lambda model: int(projected_fraction * dense)
+        controller.after_step(trainer)
+        return controller.penalty
+
+    ramp = 1 - 0.5 * 0.1 / 0.6
+    error = int(0.9 * dense) / dense - ramp  # 0.9 of the dense MACs: slightly ahead of the ramp
+    assert check(0.9) == pytest.approx(0.01 * math.exp(8 * error))
+    assert check(0.6) == pytest.approx(0.01 * math.exp(8 * error) / 4)  # far ahead: the per-check clip
+    for _ in range(20):
+        check(0.6)
+    assert controller.penalty == pytest.approx(1e-4)  # not 4^-20: the anti-windup floor
+    assert check(1.0) == pytest.approx(1e-4 * math.exp(8 * (1 - ramp)))  # behind the ramp: it rises at once
+    for _ in range(20):
+        check(1.0)
+    assert controller.penalty == pytest.approx(1.0)
+    assert trainer.optimizers[1].param_groups[0]["penalty"] == pytest.approx(
+        trainer.optimizers[1].param_groups[0]["budget_weight"])  # what the optimizer applies: penalty × cost weight
+    assert not controller.frozen

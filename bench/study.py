@@ -224,7 +224,9 @@ def main():
             with open(rows_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
     print(table(done))
-    print(seed_summary(done))
+    summary = seed_summary(done)
+    if summary:
+        print("\n" + summary)
 
 
 if __name__ == "__main__":

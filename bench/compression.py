@@ -58,7 +58,7 @@ def time_compress(name: str, num_classes: int, size: tuple[int, int, int], repea
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        result = compress(model, model.spec, dead, size)
+        result = compress(model, model.spec, dead)
         times.append(time.perf_counter() - start)
     x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
     return {"model": name, "size": "x".join(map(str, size)), "median_s": statistics.median(times),
@@ -119,9 +119,9 @@ def variants(dense: nn.Module) -> dict[str, nn.Module]:
     models = {"dense": dense}
     for target in TARGETS:
         label = f"{round(target * 100)}%"
-        models[f"channels {label}"] = compress(dense, dense.spec, closest_channel_dead(dense, target, 1), INPUT).model
-        models[f"channels/8 {label}"] = compress(dense, dense.spec, closest_channel_dead(dense, target, 8), INPUT).model
-        models[f"blocks {label}"] = compress(dense, dense.spec, closest_block_dead(dense, target), INPUT).model
+        models[f"channels {label}"] = compress(dense, dense.spec, closest_channel_dead(dense, target, 1)).model
+        models[f"channels/8 {label}"] = compress(dense, dense.spec, closest_channel_dead(dense, target, 8)).model
+        models[f"blocks {label}"] = compress(dense, dense.spec, closest_block_dead(dense, target)).model
     return models
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prunekit.config import make_config
 from prunekit.measure import spec_cost
-from prunekit.methods import EXACT_METHODS, dead_structures
+from prunekit.methods import dead_structures
 from prunekit.budget import projected_spec
 from prunekit.runner import train
 
@@ -37,7 +37,7 @@ def run_one(method, strength, out: Path, epochs: int) -> dict:
     model, spec = result["model"].cpu().eval(), result["spec"]
     dead = dead_structures(model, method, prune_percent=config.prune_percent)
     dense = spec_cost(spec, (28, 28)).macs
-    pruned = spec_cost(projected_spec(model, spec, dead, method in EXACT_METHODS), (28, 28)).macs
+    pruned = spec_cost(projected_spec(model, spec, dead), (28, 28)).macs
     total_channels = sum(g.bn.num_features for g in model.channel_groups())
     return {"method": method, "strength": strength, "test_acc": result["history"][-1]["test_acc"],
             "dead_channels": dead.count_channels() / total_channels, "dead_blocks": len(dead.blocks) / 9,

@@ -27,17 +27,17 @@ from .config import ConfigError
 from .engine import Callback
 from .gates import BinaryGate, EpsilonGate, ScaleGate
 from .measure import spec_cost
-from .methods import EXACT_METHODS, DeadSet, dead_structures
+from .methods import DeadSet, dead_structures
 
 
-def projected_spec(model: nn.Module, spec: specs.Spec, dead: DeadSet, exact_borders: bool = True) -> specs.Spec:
+def projected_spec(model: nn.Module, spec: specs.Spec, dead: DeadSet) -> specs.Spec:
     """The spec compression would produce from the current gate state, without a forward pass."""
-    return pruned_spec(model, spec, dead, kept_channels(model, dead, exact_borders))
+    return pruned_spec(model, spec, dead, kept_channels(model, dead))
 
 
 def projected_cost(model, spec, method, input_hw, prune_percent=None):
     dead = dead_structures(model, method, prune_percent=prune_percent)
-    return spec_cost(projected_spec(model, spec, dead, method in EXACT_METHODS), input_hw)
+    return spec_cost(projected_spec(model, spec, dead), input_hw)
 
 
 def resolve_target(value: float, dense: int, what: str) -> int:
@@ -74,6 +74,10 @@ def _structures(model: nn.Module):
         owner = g.gate.weight if isinstance(g.gate, (ScaleGate, BinaryGate)) else g.bn.weight
         for c in range(g.bn.num_features):
             yield "channel", g.name, c, owner
+    for cg in getattr(model, "cardinality_groups", lambda: [])():
+        if isinstance(cg.gate, ScaleGate):
+            for k in range(cg.count):
+                yield "group", cg.name, k, cg.gate.weight
     for s, b, block in getattr(model, "residual_blocks", lambda: [])():
         if isinstance(getattr(block, "gate", None), (ScaleGate, BinaryGate)):
             yield "block", (s, b), 0, block.gate.weight
@@ -89,11 +93,14 @@ def cost_weights(model: nn.Module, spec: specs.Spec, input_hw, metric: str = "ma
         dead = DeadSet({g.name: torch.arange(g.bn.num_features) == 0})
         reduced = pruned_spec(model, spec, dead, kept_channels(model, dead))
         weights[g.name] = base - getattr(spec_cost(reduced, input_hw), metric)
+    for cg in getattr(model, "cardinality_groups", lambda: [])():
+        dead = DeadSet(groups={cg.name: torch.arange(cg.count) == 0})
+        weights[cg.name] = base - getattr(spec_cost(projected_spec(model, spec, dead), input_hw), metric)
     for s, b, block in getattr(model, "residual_blocks", lambda: [])():
         if block.spec.has_branch:
             reduced = pruned_spec(model, spec, DeadSet(blocks={(s, b)}), kept_channels(model, empty))
             weights[(s, b)] = base - getattr(spec_cost(reduced, input_hw), metric)
-    groups = [g.name for g in model.channel_groups()]
+    groups = [g.name for g in model.channel_groups()] or [cg.name for cg in getattr(model, "cardinality_groups", lambda: [])()]
     mean = sum(weights[n] for n in groups) / max(len(groups), 1) or 1.0
     return {k: max(v, 1) / mean for k, v in weights.items()}
 
@@ -176,14 +183,17 @@ class BudgetController(Callback):
                             key=lambda c: float(c[3].detach().view(-1)[c[2]].abs()) / weights[c[1]])
 
         def cost_of(chosen):
-            dead = DeadSet({g.name: torch.zeros(g.bn.num_features, dtype=torch.bool) for g in model.channel_groups()})
+            dead = DeadSet({g.name: torch.zeros(g.bn.num_features, dtype=torch.bool) for g in model.channel_groups()},
+                           groups={cg.name: torch.zeros(cg.count, dtype=torch.bool)
+                                   for cg in getattr(model, "cardinality_groups", lambda: [])()})
             for kind, key, index, _ in chosen:
                 if kind == "channel":
                     dead.channels[key][index] = True
+                elif kind == "group":
+                    dead.groups[key][index] = True
                 else:
                     dead.blocks.add(key)
-            return getattr(spec_cost(projected_spec(model, self.spec, dead, self.method in EXACT_METHODS),
-                                     self.input_hw), self.metric)
+            return getattr(spec_cost(projected_spec(model, self.spec, dead), self.input_hw), self.metric)
 
         chosen, cost = [], self.dense
         for candidate in candidates:
@@ -283,9 +293,9 @@ class EpsilonBudget(Callback):
         chosen = set(order[:min(range(len(costs)), key=lambda k: (abs(costs[k] - self.target), k))])
         for i, gate in enumerate(gates):
             gate.epsilon.fill_(math.inf if i in chosen else 0.0)
-            if i in chosen:
-                gate.discarded_average.fill_(1.0)
-                gate.is_discarded.fill_(1.0)
+            gate.dropped.fill_(i in chosen)
+            gate.discarded_average.fill_(1.0 if i in chosen else 0.0)
+            gate.is_discarded.fill_(1.0 if i in chosen else 0.0)
         self.frozen_epsilons = [float(gate.epsilon) for gate in gates]
 
     def on_epoch_end(self, trainer, epoch):

@@ -14,6 +14,10 @@ OPTION_HELP = {
     "data": "fashion-mnist, mnist, cifar10, cifar100, svhn, digits or imagenet",
     "method": "none, sss, binary-gate, ista-bn, slimming or epsilon-resnet",
     "penalty": "the method's L1 strength (APG γ, ISTA ρ, slimming s)",
+    "sss_structures": "what SSS gates: channels, blocks, groups (ResNeXt) or a '+' join (default channels+blocks)",
+    "discard_rule": "ε-ResNet: average (moving average reads 1, the authors' code) or weights (also decayed to "
+                    "within --discard-tolerance)",
+    "epsilon_start_epoch": "ε-ResNet: ε is 0 before this epoch (the authors' CIFAR code: 150)",
 }
 
 
@@ -169,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="export directory (default: RUN/compressed)")
     p.add_argument("--method", help="selection rule (default: the run's method)")
     p.add_argument("--prune-percent", type=float, help="slimming: global percentile of |γ| to remove")
-    p.add_argument("--tolerance", type=float, default=1e-3, help="max |logit difference| allowed for exact methods")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="max relative logit difference (compressed vs gated) before compression refuses")
     p.add_argument("--data", help="evaluate before/after on this dataset (default: the run's)")
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_compress)

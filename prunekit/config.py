@@ -50,8 +50,11 @@ class Config:
     method: str = "none"
     penalty: float | None = None
     gate_momentum: float = 0.9
+    sss_structures: str = "channels+blocks"
     epsilon: float = 2.5
     epsilon_start_epoch: int = 0
+    discard_rule: str = "average"
+    discard_tolerance: float = 1e-4
     threshold: float = 0.5
     side_weight: float = 0.1
     lr_schedule: dict[str, float] | None = None
@@ -72,7 +75,8 @@ class Config:
 
 
 SCHEDULES = ("onecycle", "cosine", "step", "constant", "piecewise")
-CHOICES = {"schedule": SCHEDULES, "on_nan": ("stop", "skip")}
+SSS_STRUCTURES = ("channels", "blocks", "groups")
+CHOICES = {"schedule": SCHEDULES, "on_nan": ("stop", "skip"), "discard_rule": ("average", "weights")}
 
 
 def _field_types() -> dict[str, object]:
@@ -132,6 +136,10 @@ def make_config(values: dict, source: str = "config") -> Config:
         if key in CHOICES and checked[key] not in CHOICES[key]:
             raise ConfigError(f"{source}: {key} must be one of {CHOICES[key]}, got {checked[key]!r}")
     config = Config(**checked)
+    structures = config.sss_structures.split("+")
+    if not structures or any(s not in SSS_STRUCTURES for s in structures) or len(set(structures)) < len(structures):
+        raise ConfigError(f"{source}: sss_structures must join {', '.join(SSS_STRUCTURES)} with '+' "
+                          f"(e.g. channels+blocks), got {config.sss_structures!r}")
     for key in ("epochs", "batch_size"):
         if getattr(config, key) < 1:
             raise ConfigError(f"{source}: {key} must be at least 1, got {getattr(config, key)}")

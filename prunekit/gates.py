@@ -41,6 +41,21 @@ class ScaleGate(nn.Module):
         return self.weight.detach()
 
 
+class GroupScaleGate(ScaleGate):
+    """SSS factor per cardinality group of a ResNeXt block: λ_k scales the `per_group` contiguous
+    channels of group k (as the authors' `repeat(lambda_group, C/groups)`)."""
+
+    def __init__(self, groups: int, per_group: int):
+        super().__init__(groups)
+        self.per_group = per_group
+
+    def multiplier(self) -> torch.Tensor:
+        return self.weight.repeat_interleave(self.per_group)
+
+    def factor(self) -> torch.Tensor:
+        return self.multiplier().detach()
+
+
 class BinaryGate(nn.Module):
     """Float gate kept for learning, binarised to 0/1 in the forward pass; the gradient passes straight
     through to the float value (as in quantisation-aware training)."""
@@ -91,28 +106,42 @@ def strict_identity_factor(branch: torch.Tensor, epsilon: float | torch.Tensor,
 
 class EpsilonGate(nn.Module):
     """Zeroes a residual branch whose whole output is within ±ε; no gradient flows through the factor,
-    so weight decay alone drives a discarded branch to zero. Tracks is_discarded and its moving average."""
+    so weight decay alone drives a discarded branch to zero.
 
-    def __init__(self, epsilon: float = 2.5, ema_decay: float = 0.99):
+    In training it tracks `is_discarded` (this step) and its moving average as the authors' code
+    does (tensorpack's ExponentialMovingAverage(0.95, num_updates=step): decay min(0.95, (1+n)/(10+n))
+    at update n, from 0), kept in float64 so that it really reaches the 1 the discard rule asks for.
+    `dropped` is the selection rule's decision (`methods.EpsilonDiscardRule`); evaluation applies it —
+    a dropped branch is a strict identity, every other branch is kept — so the network evaluated is
+    exactly the one compression exports (the authors re-gate each test batch instead).
+    """
+
+    def __init__(self, epsilon: float = 2.5, ema_decay: float = 0.95):
         super().__init__()
         self.ema_decay = ema_decay
         self.register_buffer("epsilon", torch.tensor(float(epsilon)))  # a buffer: a budget's per-block ε is saved
         self.register_buffer("is_discarded", torch.zeros(()))
-        self.register_buffer("discarded_average", torch.zeros(()))
+        self.register_buffer("discarded_average", torch.zeros((), dtype=torch.float64))
         self.register_buffer("peak_average", torch.zeros(()))  # moving average of max |F(x)|: how far from ε
+        self.register_buffer("updates", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("dropped", torch.zeros((), dtype=torch.bool))
 
     def forward(self, x):
+        if not self.training:
+            return x * self.factor().to(x.dtype)
         with torch.no_grad():
             peak = branch_peak(x.detach().float())
             w = strict_identity_factor(x, self.epsilon, peak)
-            if self.training:
-                self.is_discarded.copy_((w == 0).float())
-                self.discarded_average.mul_(self.ema_decay).add_((1 - self.ema_decay) * self.is_discarded)
-                self.peak_average.mul_(self.ema_decay).add_((1 - self.ema_decay) * peak)
+            self.is_discarded.copy_((w == 0).float())
+            decay = torch.clamp((1 + self.updates) / (10 + self.updates), max=self.ema_decay)
+            self.discarded_average.mul_(decay).add_((1 - decay) * self.is_discarded.double())
+            self.peak_average.mul_(decay.float()).add_((1 - decay.float()) * peak)
+            self.updates.add_(1)
         return x * w.to(x.dtype)
 
     def factor(self) -> torch.Tensor:
-        return 1.0 - self.is_discarded
+        """1 for a kept branch, 0 for a dropped one: what evaluation and compression apply."""
+        return (~self.dropped).float()
 
     def extra_repr(self) -> str:
         return f"epsilon={float(self.epsilon)}"
@@ -125,6 +154,7 @@ class GateConfig:
     kind: str | None = None
     channels: bool = False
     blocks: bool = False
+    groups: bool = False
     epsilon: float = 2.5
     threshold: float = 0.5
 
@@ -137,6 +167,11 @@ class GateConfig:
             return ScaleGate(channels)
         if self.channels and self.kind == "binary":
             return BinaryGate(channels, self.threshold)
+        return nn.Identity()
+
+    def group_gate(self, groups: int, per_group: int) -> nn.Module:
+        if self.groups and self.kind == "scale":
+            return GroupScaleGate(groups, per_group)
         return nn.Identity()
 
     def block_gate(self) -> nn.Module:

@@ -2,7 +2,8 @@
 
 MAC convention: a conv counts C_out·H_out·W_out·(C_in/groups)·k_h·k_w, a linear layer in·out, an
 eval-mode BatchNorm one multiply-add per output element (its scale and shift); biases, ReLUs, pools
-and residual additions are not counted. FLOPs = 2 × MACs of the conv and linear layers, which is
+and residual additions are not counted, nor is a constant-input bias (`models.resnet.ConstantInputBias`),
+a bias map computed once per batch whatever the images. FLOPs = 2 × MACs of the conv and linear layers, which is
 what `torch.utils.flop_counter` reports (it does not count BatchNorm).
 """
 from __future__ import annotations
@@ -82,16 +83,16 @@ def spec_cost(spec: Spec, input_hw: tuple[int, int]) -> Cost:
     h, w = input_hw
     params = macs = 0
 
-    def conv(cin, cout, k, stride, pad, bn=True):
+    def conv(cin, cout, k, stride, pad, bn=True, groups=1, stencil=False):
         nonlocal params, macs, h, w
         h, w = _conv_out(h, k, stride, pad), _conv_out(w, k, stride, pad)
-        params += cin * cout * k * k + (2 * cout if bn else 0)
-        macs += cout * h * w * cin * k * k + (cout * h * w if bn else 0)
+        params += cin // groups * cout * k * k + (2 * cout if bn else 0) + (cout * k * k if stencil else 0)
+        macs += cout * h * w * cin // groups * k * k + (cout * h * w if bn else 0)
 
     if isinstance(spec, ConvNetSpec):
         cin = spec.in_channels
         for layer in spec.layers:
-            conv(cin, layer.width, layer.kernel, 1, layer.pad)
+            conv(cin, layer.width, layer.kernel, 1, layer.pad, stencil=layer.stencil)
             if layer.pool == "max2":
                 h, w = h // 2, w // 2
             elif layer.pool == "max3s2":
@@ -115,7 +116,8 @@ def spec_cost(spec: Spec, input_hw: tuple[int, int]) -> Cost:
                 for i in range(len(widths) - 1):
                     strided = kernels[i] == 3 and (spec.block == "basic") == (i == 0)
                     conv(widths[i], widths[i + 1], kernels[i], block.stride if strided else 1, kernels[i] // 2,
-                         bn=not (spec.preact and i == len(widths) - 2))
+                         bn=not (spec.preact and i == len(widths) - 2), groups=block.groups if kernels[i] == 3 else 1,
+                         stencil=block.stencil and i > 0)
             h, w = _conv_out(h0, 1, block.stride, 0), _conv_out(w0, 1, block.stride, 0)
             if block.shortcut == "conv":
                 params += cin * block.out + (0 if spec.preact else 2 * block.out)

@@ -3,7 +3,7 @@
 | method          | gate on                  | optimizer for the factors         | dead when                        |
 |-----------------|--------------------------|-----------------------------------|----------------------------------|
 | none            | -                        | -                                 | never                            |
-| sss             | inner channels, blocks   | APG, soft-threshold γ·lr          | λ == 0                           |
+| sss             | channels, groups, blocks | APG, soft-threshold γ·lr          | λ == 0                           |
 | binary-gate     | inner channels           | APG on the float gate             | float gate < threshold           |
 | ista-bn         | BN γ of inner channels   | ISTA, threshold lr·ρ·c_l          | γ == 0                           |
 | slimming        | BN γ of inner channels   | SGD + L1 subgradient s·sign(γ)    | |γ| ≤ global percentile          |
@@ -21,7 +21,6 @@ from .gates import BinaryGate, EpsilonGate, GateConfig, ScaleGate, gate_paramete
 from .optim import APG, ISTA, add_l1_subgradient, ista_cost_weight
 
 METHODS = ("none", "sss", "binary-gate", "ista-bn", "slimming", "epsilon-resnet")
-EXACT_METHODS = ("none", "sss", "binary-gate")  # their dead structures output exactly zero
 DEFAULT_PENALTY = {"sss": 0.01, "binary-gate": 0.01, "ista-bn": 0.005, "slimming": 1e-5}
 
 
@@ -30,7 +29,9 @@ def gate_config(method: str, config) -> GateConfig:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     if method == "sss":
-        return GateConfig("scale", channels=True, blocks=True)
+        structures = config.sss_structures.split("+")
+        return GateConfig("scale", channels="channels" in structures, blocks="blocks" in structures,
+                          groups="groups" in structures)
     if method == "binary-gate":
         return GateConfig("binary", channels=True, threshold=config.threshold)
     if method == "epsilon-resnet":
@@ -53,9 +54,13 @@ class DeadSet:
 
     channels: dict[str, torch.Tensor] = field(default_factory=dict)
     blocks: set[tuple[int, int]] = field(default_factory=set)
+    groups: dict[str, torch.Tensor] = field(default_factory=dict)  # dead cardinality groups per ResNeXt block
 
     def count_channels(self) -> int:
         return int(sum(int(m.sum()) for m in self.channels.values()))
+
+    def count_groups(self) -> int:
+        return int(sum(int(m.sum()) for m in self.groups.values()))
 
 
 def channel_factor(group) -> torch.Tensor:
@@ -72,8 +77,25 @@ def slimming_threshold(model: nn.Module, percent: float) -> float:
     return float(values.sort().values[k - 1]) if k > 0 else -1.0
 
 
-def dead_structures(model: nn.Module, method: str, *, prune_percent: float | None = None,
-                    discard_threshold: float = 1.0, weight_tolerance: float | None = None) -> DeadSet:
+DISCARD_RULES = ("average", "weights")
+DISCARD_AVERAGE = 0.999995  # the authors prune a block whose logged average prints as "1" ('{:.5g}')
+
+
+def epsilon_dropped(block: nn.Module, rule: str = "average", tolerance: float = 1e-4) -> torch.Tensor:
+    """ε-ResNet's discard rule for one block, as a device boolean (no host sync).
+
+    `average` (the authors' compressModel.py): the moving average of is_discarded reads 1 to five
+    significant digits (≥ 0.999995). `weights` (their README's wording): that, and every conv weight
+    of the branch has also decayed to within `tolerance` of zero.
+    """
+    dropped = block.gate.discarded_average >= DISCARD_AVERAGE
+    if rule == "weights":
+        convs = [getattr(block, f"conv{i}").weight.detach() for i in range(1, block.num_convs + 1)]
+        dropped = dropped & (torch.stack([w.abs().max() for w in convs]).max() <= tolerance)
+    return dropped
+
+
+def dead_structures(model: nn.Module, method: str, *, prune_percent: float | None = None) -> DeadSet:
     """The structures a method's selection rule declares dead, read from the current model state."""
     dead = DeadSet()
     if method == "none":
@@ -85,15 +107,13 @@ def dead_structures(model: nn.Module, method: str, *, prune_percent: float | Non
     elif method != "epsilon-resnet":
         for g in model.channel_groups():
             dead.channels[g.name] = channel_factor(g) == 0
+        for cg in getattr(model, "cardinality_groups", lambda: [])():
+            if isinstance(cg.gate, ScaleGate):
+                dead.groups[cg.name] = cg.gate.weight.detach() == 0
     for s, b, block in getattr(model, "residual_blocks", lambda: [])():
         gate = getattr(block, "gate", None)
-        if isinstance(gate, EpsilonGate):
-            discarded = float(gate.discarded_average) >= discard_threshold - 1e-6
-            if discarded and weight_tolerance is not None:
-                discarded = all(float(p.detach().abs().max()) <= weight_tolerance
-                                for n, p in block.named_parameters() if n.startswith(("conv", "bn")) and "weight" in n)
-            if discarded:
-                dead.blocks.add((s, b))
+        if isinstance(gate, EpsilonGate) and bool(gate.dropped):
+            dead.blocks.add((s, b))
         elif isinstance(gate, (ScaleGate, BinaryGate)) and float(gate.factor()) == 0:
             dead.blocks.add((s, b))
     return dead
@@ -144,7 +164,10 @@ def sparsity_metrics(model: nn.Module, method: str, costs: dict[str, float] | No
                                        and (s, b) not in dead.blocks) for st in range(stages)]
         metrics["dead_blocks"] = len(dead.blocks)
     if method == "epsilon-resnet":
-        metrics["discarded_blocks"] = sum(float(blk.gate.is_discarded) for _, _, blk in blocks if blk.spec.has_branch)
+        gates = [blk.gate for _, _, blk in blocks if blk.spec.has_branch]
+        # the authors' discarded_cnt, as logged and read by their LR policy: the moving average of the count
+        metrics["discarded_blocks"] = float(sum(g.discarded_average for g in gates)) if gates else 0.0
+        metrics["discarded_now"] = int(sum(float(g.is_discarded) for g in gates))
         metrics["branch_peak"] = [round(float(blk.gate.peak_average), 4) for _, _, blk in blocks if blk.spec.has_branch]
     if costs:
         factors = {g.name: channel_factor(g) for g in groups}
@@ -206,6 +229,20 @@ class EpsilonSchedule(Callback):
                 m.epsilon.fill_(self.epsilon if epoch >= self.start_epoch else 0.0)
 
 
+class EpsilonDiscardRule(Callback):
+    """After each epoch's last step, records every block's discard decision (`epsilon_dropped`) in its
+    gate, before evaluation: the epoch's test accuracy is that of the network compression exports."""
+
+    def __init__(self, rule: str, tolerance: float):
+        self.rule, self.tolerance = rule, tolerance
+
+    def after_step(self, trainer):
+        if trainer.step_in_epoch + 1 == len(trainer.train_loader):
+            for _, _, block in trainer.model.residual_blocks():
+                if isinstance(getattr(block, "gate", None), EpsilonGate):
+                    block.gate.dropped.copy_(epsilon_dropped(block, self.rule, self.tolerance))
+
+
 # --- assembling a method ---------------------------------------------------------------------
 
 
@@ -215,7 +252,11 @@ class MethodParts:
     callbacks: list[Callback]
 
 
-def _is_decayed(name: str, param: nn.Parameter) -> bool:
+def _is_decayed(name: str, param: nn.Parameter, method: str) -> bool:
+    """Weight decay on weights, not biases; ε-ResNet, as its authors' code, decays only conv and FC
+    weights (BN γ and β stay undecayed), since decay is what drives a discarded branch to zero."""
+    if method == "epsilon-resnet":
+        return param.dim() > 1
     return param.dim() > 1 or not name.endswith("bias")
 
 
@@ -248,8 +289,8 @@ def build_method(model: nn.Module, config, input_size: tuple[int, ...]) -> Metho
         optimizers.append(APG([{"params": [p]} for p in gates], lr=config.lr, momentum=config.gate_momentum,
                               penalty=penalty))
     rest = [(n, p) for n, p in model.named_parameters() if id(p) not in special]
-    decay = [p for n, p in rest if _is_decayed(n, p)]
-    no_decay = [p for n, p in rest if not _is_decayed(n, p)]
+    decay = [p for n, p in rest if _is_decayed(n, p, method)]
+    no_decay = [p for n, p in rest if not _is_decayed(n, p, method)]
     optimizers.insert(0, torch.optim.SGD([{"params": decay, "weight_decay": config.weight_decay},
                                           {"params": no_decay, "weight_decay": 0.0}],
                                          lr=config.lr, momentum=config.momentum, nesterov=config.nesterov))
@@ -259,16 +300,19 @@ def build_method(model: nn.Module, config, input_size: tuple[int, ...]) -> Metho
     if method == "epsilon-resnet":
         callbacks.append(SideSupervision(config.side_weight))
         callbacks.append(EpsilonSchedule(config.epsilon, config.epsilon_start_epoch))
+        callbacks.append(EpsilonDiscardRule(config.discard_rule, config.discard_tolerance))
     callbacks.append(SparsityLogger(method, costs, config.prune_percent))
     return MethodParts(optimizers, callbacks)
 
 
 def side_head_position(model_spec) -> tuple[int, int] | None:
-    """ε-ResNet's side classifier: after the middle block of stage 2 (for 4-stage ImageNet nets,
-    block 8 of stage 3, as the authors' ResNet-101)."""
+    """ε-ResNet's side classifier, where the authors' code puts it: in stage 2 after block n//2 (CIFAR,
+    n blocks per stage); for 4-stage ImageNet nets in stage 3 after block sum(blocks)//2 − (blocks of
+    stages 1–2) − 1 (ResNet-101: 8, ResNet-152: 13)."""
     stages = getattr(model_spec, "stages", None)
     if not stages or len(stages) < 2:
         return None
-    if len(stages) == 4 and len(stages[2]) > 8:
-        return (2, 7)
-    return (1, max(len(stages[1]) // 2 - 1, 0)) if len(stages[1]) else None
+    counts = [len(stage) for stage in stages]
+    if len(stages) == 4:
+        return (2, min(max(sum(counts) // 2 - counts[0] - counts[1] - 1, 0), counts[2] - 1))
+    return (1, min(counts[1] // 2, counts[1] - 1)) if counts[1] else None

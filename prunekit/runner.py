@@ -8,6 +8,7 @@ Run directory layout:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import shutil
@@ -21,7 +22,7 @@ from . import spec as specs
 from .budget import budget_callbacks
 from .checkpoint import atomic_write_json, load_weights, remove_partial_writes, save_weights
 from .config import Config, ConfigError
-from .data import DATASET_STATS, BatchLoader, dataset_info, load_dataset, make_loader, split_validation
+from .data import DATASET_STATS, BatchLoader, DataError, dataset_info, load_dataset, make_loader, split_validation
 from .distributed import DistContext, init_distributed
 from .engine import Trainer
 from .gates import GateConfig
@@ -82,6 +83,16 @@ def make_loaders(config: Config, ctx: DistContext):
     loaders["test"] = BatchLoader(test_set, config.batch_size, train=False, mean=mean, std=std, **common)
     train = BatchLoader(train_set, config.batch_size, train=True, mean=mean, std=std, pad=pad, flip=flip, **common)
     return train, loaders
+
+
+def real_batch(config: Config, size: int = 32) -> torch.Tensor | None:
+    """The first `size` test images of the run's data, normalised as in training (for compression's
+    equivalence check), or None when the data cannot be read here."""
+    try:
+        _, loaders = make_loaders(dataclasses.replace(config, batch_size=size, val_split=0), DistContext())
+    except (DataError, ConfigError, OSError):
+        return None
+    return next(iter(loaders["test"]))[0]
 
 
 def environment() -> dict:

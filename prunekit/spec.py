@@ -30,6 +30,8 @@ class BlockSpec:
     out: int
     stride: int = 1
     shortcut: str = "identity"
+    groups: int = 1  # cardinality of a bottleneck's 3x3 conv (ResNeXt)
+    stencil: bool = False  # convs after the first carry a constant-input bias (see models.resnet.ConstantInputBias)
 
     @property
     def has_branch(self) -> bool:
@@ -68,6 +70,7 @@ class ConvLayerSpec:
     kernel: int = 3
     padding: int | None = None
     pool: str | None = None
+    stencil: bool = False  # the conv carries a constant-input bias (see models.resnet.ConstantInputBias)
 
     @property
     def pad(self) -> int:
@@ -140,7 +143,7 @@ def _keys(data: dict, allowed: set[str], where: str) -> None:
 
 
 def _block_from_dict(data, where: str, block_type: str) -> BlockSpec:
-    _keys(data, {"inner", "out", "stride", "shortcut"}, where)
+    _keys(data, {"inner", "out", "stride", "shortcut", "groups", "stencil"}, where)
     if "inner" not in data or "out" not in data:
         raise SpecError(f"{where}: 'inner' and 'out' are required")
     inner = _expect(data["inner"], list, f"{where}.inner")
@@ -154,7 +157,12 @@ def _block_from_dict(data, where: str, block_type: str) -> BlockSpec:
     shortcut = data.get("shortcut", "identity")
     if shortcut not in SHORTCUTS:
         raise SpecError(f"{where}.shortcut: must be one of {SHORTCUTS}, got {shortcut!r}")
-    return BlockSpec(inner, _width(data["out"], f"{where}.out"), stride, shortcut)
+    groups = _width(data.get("groups", 1), f"{where}.groups")
+    if groups > 1 and (block_type != "bottleneck" or (inner and (inner[0] != inner[1] or inner[0] % groups))):
+        raise SpecError(f"{where}.groups: grouped convs need a bottleneck block whose two inner widths are equal "
+                        f"and divisible by {groups}, got {inner}")
+    stencil = _expect(data.get("stencil", False), bool, f"{where}.stencil")
+    return BlockSpec(inner, _width(data["out"], f"{where}.out"), stride, shortcut, groups, stencil)
 
 
 def from_dict(data) -> Spec:
@@ -193,7 +201,7 @@ def from_dict(data) -> Spec:
         parsed = []
         for i, layer in enumerate(layers):
             where = f"spec.layers[{i}]"
-            _keys(layer, {"width", "kernel", "padding", "pool"}, where)
+            _keys(layer, {"width", "kernel", "padding", "pool", "stencil"}, where)
             kernel = _expect(layer.get("kernel", 3), int, f"{where}.kernel")
             if not 1 <= kernel <= 15:
                 raise SpecError(f"{where}.kernel: must be between 1 and 15, got {kernel}")
@@ -202,7 +210,8 @@ def from_dict(data) -> Spec:
                 raise SpecError(f"{where}.padding: must be an integer between 0 and the kernel size, got {padding!r}")
             if layer.get("pool") not in POOLS:
                 raise SpecError(f"{where}.pool: must be one of {POOLS}, got {layer.get('pool')!r}")
-            parsed.append(ConvLayerSpec(_width(layer.get("width"), f"{where}.width"), kernel, padding, layer.get("pool")))
+            parsed.append(ConvLayerSpec(_width(layer.get("width"), f"{where}.width"), kernel, padding, layer.get("pool"),
+                                        _expect(layer.get("stencil", False), bool, f"{where}.stencil")))
         spec = ConvNetSpec(parsed, _width(data.get("num_classes", 10), "spec.num_classes"),
                            _width(data.get("in_channels", 3), "spec.in_channels"))
     else:
@@ -274,25 +283,48 @@ IMAGENET_DEPTHS = {18: ("basic", [2, 2, 2, 2]), 34: ("basic", [3, 4, 6, 3]),
                    152: ("bottleneck", [3, 8, 36, 3])}
 
 
-def imagenet_resnet_spec(depth: int, *, preact: bool = False, num_classes: int = 1000,
-                         in_channels: int = 3) -> ResNetSpec:
-    """ImageNet ResNet with torchvision's layout (stride in the 3x3 conv, projection shortcuts)."""
+def imagenet_resnet_spec(depth: int, *, preact: bool = False, num_classes: int = 1000, in_channels: int = 3,
+                         groups: int = 1, width_per_group: int = 64) -> ResNetSpec:
+    """ImageNet ResNet with torchvision's layout (stride in the 3x3 conv, projection shortcuts); with
+    `groups`/`width_per_group` torchvision's ResNeXt (32, 4: resnext50_32x4d) and wide ResNet (1, 128)."""
     if depth not in IMAGENET_DEPTHS:
         raise SpecError(f"depth {depth}: ImageNet ResNets have depth {sorted(IMAGENET_DEPTHS)}")
     block, counts = IMAGENET_DEPTHS[depth]
+    if block == "basic" and (groups != 1 or width_per_group != 64):
+        raise SpecError(f"depth {depth}: grouped or wide ResNets need bottleneck blocks (depth ≥ 50)")
     expansion = 4 if block == "bottleneck" else 1
     stages, width = [], 64
     for s, count in enumerate(counts):
         base = 64 * 2 ** s
+        inner = base * width_per_group // 64 * groups
         out = base * expansion
         blocks = []
         for b in range(count):
             stride = 2 if (s > 0 and b == 0) else 1
             shortcut = "conv" if (stride != 1 or width != out) else "identity"
-            blocks.append(BlockSpec([base] * (2 if block == "bottleneck" else 1), out, stride, shortcut))
+            blocks.append(BlockSpec([inner] * (2 if block == "bottleneck" else 1), out, stride, shortcut, groups))
             width = out
         stages.append(blocks)
     return ResNetSpec(block, 64, stages, num_classes, in_channels, preact, imagenet_stem=True)
+
+
+def cifar_resnext_spec(depth: int, cardinality: int, width_per_group: int, *, num_classes: int = 10,
+                       in_channels: int = 3) -> ResNetSpec:
+    """CIFAR ResNeXt of Xie et al. (2017): 64-wide 3x3 stem, 3 stages of (depth − 2)/9 bottleneck blocks,
+    group width `width_per_group`·2^stage, outputs 256/512/1024, projection shortcuts where shapes change."""
+    if depth < 11 or (depth - 2) % 9:
+        raise SpecError(f"depth {depth}: a CIFAR ResNeXt has depth 9n+2")
+    stages, width = [], 64
+    for s in range(3):
+        inner, out = cardinality * width_per_group * 2 ** s, 256 * 2 ** s
+        blocks = []
+        for b in range((depth - 2) // 9):
+            stride = 2 if (s > 0 and b == 0) else 1
+            shortcut = "conv" if (stride != 1 or width != out) else "identity"
+            blocks.append(BlockSpec([inner, inner], out, stride, shortcut, cardinality))
+            width = out
+        stages.append(blocks)
+    return ResNetSpec("bottleneck", 64, stages, num_classes, in_channels, family="resnet")
 
 
 VGG_LAYOUTS = {

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from prunekit import spec as S
-from prunekit.compress import compress, export, load, max_logit_difference
+from prunekit.compress import compress, export, load
 from prunekit.gates import GateConfig
 from prunekit.measure import count_params, spec_cost
-from prunekit.methods import dead_structures
+from prunekit.methods import DeadSet, dead_structures
 from prunekit.models import build, zoo_spec
 
 FAMILIES = [("resnet20", 28, 1), ("preresnet110", 32, 3), ("preresnet164", 16, 3), ("resnet50", 64, 3),
@@ -56,10 +56,10 @@ def gated_model(name, cin, kind, pattern="random", seed=0):
     return spec, model.eval()
 
 
-def check_equivalent(spec, model, kind, size, cin, exact_borders=True):
+def check_equivalent(spec, model, kind, size, cin):
     method = {"scale": "sss", "binary": "binary-gate", "bn": "ista-bn"}[kind]
     dead = dead_structures(model, method)
-    result = compress(model, spec, dead, (cin, size, size), exact_borders=exact_borders)
+    result = compress(model, spec, dead)
     x = torch.randn(4, cin, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-4)
@@ -103,13 +103,49 @@ def test_zero_gamma_with_nonzero_beta_folds_into_classifier_exactly():
     assert result.spec.layers[-1].width <= spec.layers[-1].width - 100
 
 
-def test_border_fold_is_approximate_and_kept_when_exactness_is_asked():
+def test_constant_channels_fold_exactly_at_zero_padded_borders():
+    """Removed γ = 0 channels with β > 0 feed their consumer a constant; its k×k tap sums go into a
+    ConstantInputBias, exact on the borders too: 3×3 border pixels see 4 or 6 taps, not 9."""
     spec, model = gated_model("resnet20", 1, "bn")
-    exact, _ = check_equivalent(spec, model, "bn", 28, 1, exact_borders=True)
-    approx = compress(model, spec, dead_structures(model, "ista-bn"), (1, 28, 28), exact_borders=False)
-    x = torch.randn(4, 1, 28, 28)
-    assert max_logit_difference(model, approx.model, x) > 1e-4
-    assert spec_cost(approx.spec, (28, 28)).macs < spec_cost(exact.spec, (28, 28)).macs
+    result, dead = check_equivalent(spec, model, "bn", 28, 1)
+    assert all(g.bn.num_features == int((~dead.channels[g.name]).sum()) for g in result.model.channel_groups())
+    assert all(block.stencil for stage in result.spec.stages for block in stage if block.has_branch)
+    one = build(S.ConvNetSpec([S.ConvLayerSpec(2), S.ConvLayerSpec(1)], num_classes=2, in_channels=1)).eval()
+    with torch.no_grad():
+        one.features[0].bn.weight.copy_(torch.tensor([1.0, 0.0]))
+        one.features[0].bn.bias.copy_(torch.tensor([0.0, 0.5]))
+        one.features[1].conv.weight.fill_(0.1)
+    small = compress(one, one.spec, DeadSet({"features.0": torch.tensor([False, True]), "features.1": torch.tensor([False])}))
+    taps = small.model.features[1].stencil(torch.zeros(1, 1, 5, 5))[0, 0]
+    torch.testing.assert_close(taps[2, 2], torch.tensor(0.45))  # 9 taps × 0.1 × relu(0.5)
+    torch.testing.assert_close(taps[0, 0], torch.tensor(0.2))  # a corner: 4 taps
+    torch.testing.assert_close(taps[0, 2], torch.tensor(0.3))  # an edge: 6 taps
+    x = torch.randn(3, 1, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(small.model(x), one(x))
+
+
+def test_grouped_blocks_lose_whole_groups_exactly():
+    spec = zoo_spec("resnext29_8x64d", in_channels=3)
+    for stage in spec.stages:  # narrowed for a CPU test: 4 groups of 4 channels
+        for block in stage:
+            block.groups, block.inner = 4, [16, 16]
+    torch.manual_seed(0)
+    model = build(spec, GateConfig("scale", groups=True, blocks=True)).eval()
+    randomize_bn(model, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for i, cg in enumerate(model.cardinality_groups()):
+            cg.gate.weight.copy_(torch.tensor([0.0, 1.3, 0.0, 0.7]) if i % 2 else torch.tensor([0.5, 0.0, 0.0, 0.0]))
+        model.layer2[1].gate.weight.zero_()
+    dead = dead_structures(model, "sss")
+    assert dead.count_groups() == 5 * 3 + 4 * 2 and dead.blocks == {(1, 1)}
+    result = compress(model, spec, dead)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-4)
+    assert [b.groups for b in result.spec.stages[0]] == [1, 2, 1]
+    assert result.spec.stages[0][1].inner == [8, 8] and len(result.spec.stages[1]) == 2
+    assert count_params(result.model) == spec_cost(result.spec, (16, 16)).params
 
 
 def test_export_loads_in_a_fresh_process_with_same_outputs(tmp_path):

@@ -1,6 +1,6 @@
 import torch
 
-from prunekit.gates import BinaryGate, EpsilonGate, ScaleGate, strict_identity_factor
+from prunekit.gates import BinaryGate, EpsilonGate, GateConfig, ScaleGate, strict_identity_factor
 
 
 def test_epsilon_factor_is_zero_exactly_when_every_element_is_within_epsilon():
@@ -27,8 +27,43 @@ def test_epsilon_gate_passes_identity_or_zero_and_blocks_gradient_through_factor
     assert torch.equal(y2, x2) and gate.is_discarded.item() == 0.0
     y2.sum().backward()
     assert torch.equal(x2.grad, torch.ones_like(x2))
-    assert abs(gate.discarded_average.item() - 0.01 * 0.99) < 1e-7
-    assert abs(gate.peak_average.item() - (0.01 * 0.5 * 0.99 + 0.01 * 3.0)) < 1e-7  # max |F(x)|, averaged
+    # tensorpack's EMA(0.95, num_updates): decay 1/10 at update 0, 2/11 at update 1
+    assert gate.discarded_average.item() == 0.9 * 2 / 11
+    assert abs(gate.peak_average.item() - (0.9 * 0.5 * 2 / 11 + 9 / 11 * 3.0)) < 1e-6  # max |F(x)|, averaged
+
+
+def test_epsilon_moving_average_follows_the_authors_decay_and_reaches_the_discard_rule():
+    """The authors' EMA: 0.9, then 0.98182 for two discarded steps; once the decay is 0.95 (update ≥ 170),
+    238 consecutive discarded steps make the average read 1 (≥ 0.999995), 237 do not."""
+    from prunekit.methods import epsilon_dropped
+    from prunekit.models import build
+    from prunekit.spec import cifar_resnet_spec
+
+    model = build(cifar_resnet_spec(8), GateConfig("epsilon", blocks=True, epsilon=1.0)).train()
+    block = model.layer1[0]
+    gate = block.gate
+    small, large = torch.full((1, 1, 2, 2), 0.5), torch.full((1, 1, 2, 2), 3.0)
+    gate(small), gate(small)
+    assert abs(gate.discarded_average.item() - 0.98182) < 1e-5
+    for _ in range(200):
+        gate(large)
+    assert gate.discarded_average.item() < 1e-12
+    for _ in range(237):
+        gate(small)
+    assert not epsilon_dropped(block)
+    gate(small)
+    assert epsilon_dropped(block) and not epsilon_dropped(block, "weights")
+    with torch.no_grad():
+        block.conv1.weight.zero_(), block.conv2.weight.fill_(1e-5)
+    assert epsilon_dropped(block, "weights", tolerance=1e-4)
+
+
+def test_evaluation_applies_the_discard_decision_not_the_batch():
+    gate = EpsilonGate(epsilon=1.0).eval()
+    x = torch.full((1, 2, 2, 2), 0.5)
+    assert torch.equal(gate(x), x)  # below ε, but not dropped: kept
+    gate.dropped.fill_(True)
+    assert torch.equal(gate(torch.full((1, 2, 2, 2), 7.0)), torch.zeros(1, 2, 2, 2))
 
 
 def test_epsilon_function_is_built_from_relu_only():

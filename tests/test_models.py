@@ -6,7 +6,7 @@ from prunekit.gates import GateConfig
 from prunekit.measure import count_flops_torch, count_macs, count_params, spec_cost
 from prunekit.models import ZOO, build, create, zoo_spec
 
-SMALL = [n for n in ZOO if n not in ("resnet101", "resnet152")]
+SMALL = [n for n in ZOO if not any(big in n for big in ("101", "152", "16x64d", "wide"))]
 
 
 @pytest.mark.parametrize("name", SMALL)
@@ -18,13 +18,22 @@ def test_every_zoo_model_runs_forward_and_backward(name):
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_torchvision_resnet50_weights_load_with_identical_outputs():
+@pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d", "wide_resnet50_2"])
+def test_torchvision_weights_load_with_identical_outputs(name):
     torch.manual_seed(0)
-    reference = torchvision.models.resnet50().eval()
-    ours = create("resnet50", num_classes=1000).eval()
+    reference = getattr(torchvision.models, name)().eval()
+    ours = create(name, num_classes=1000).eval()
     ours.load_state_dict(reference.state_dict())
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=0)
+
+
+def test_resnext_specs_have_the_published_sizes():
+    """ResNeXt-29 8x64d has 34.4M parameters (Xie et al. 2017, Table 7); torchvision's resnext50_32x4d 25.0M."""
+    assert round(spec_cost(zoo_spec("resnext29_8x64d"), (32, 32)).params / 1e6, 1) == 34.4
+    assert spec_cost(zoo_spec("resnext50_32x4d", num_classes=1000), (224, 224)).params == 25_028_904
+    block = zoo_spec("resnext50_32x4d").stages[0][0]
+    assert (block.inner, block.groups, block.out) == ([128, 128], 32, 256)
 
 
 @pytest.mark.parametrize("kind", ["scale", "binary", "epsilon", "bn"])
@@ -40,14 +49,19 @@ def test_gate_free_model_equals_plain_model(kind):
 
 
 @pytest.mark.parametrize("name, size", [("resnet20", 28), ("preresnet110", 32), ("preresnet164", 32),
-                                        ("resnet50", 64), ("vgg16", 32), ("cnn4", 28), ("resnet18", 33)])
+                                        ("resnet50", 64), ("vgg16", 32), ("cnn4", 28), ("resnet18", 33),
+                                        ("resnext29_8x64d", 16), ("stencils", 15)])
 def test_spec_cost_matches_hook_counts_and_torch_flop_counter(name, size):
-    spec = zoo_spec(name)
+    spec = zoo_spec("resnet20" if name == "stencils" else name)
+    if name == "stencils":  # constant-input biases: parameters, but a bias map per batch, not per-image MACs
+        for stage in spec.stages:
+            stage[0].stencil = True
     model = build(spec)
     cost = spec_cost(spec, (size, size))
     assert cost.params == count_params(model)
     assert cost.macs == count_macs(model, (3, size, size))
-    assert 2 * count_macs(model, (3, size, size), include_bn=False) == count_flops_torch(model, (3, size, size))
+    bias_maps = sum(16 * 2 ** s * 9 * (-(-size // 2 ** s)) ** 2 for s in range(3)) if name == "stencils" else 0
+    assert 2 * count_macs(model, (3, size, size), include_bn=False) + 2 * bias_maps == count_flops_torch(model, (3, size, size))
 
 
 def test_resnet20_parameter_count():

@@ -6,26 +6,37 @@ import re
 from torch import nn
 
 from ..gates import GateConfig
-from ..spec import (ConvNetSpec, ResNetSpec, Spec, SpecError, cifar_resnet_spec, cnn4_spec,
-                    imagenet_resnet_spec, vgg_spec)
+from ..spec import (IMAGENET_DEPTHS, ConvNetSpec, ResNetSpec, Spec, SpecError, cifar_resnet_spec,
+                    cifar_resnext_spec, cnn4_spec, imagenet_resnet_spec, vgg_spec)
 from .convnet import ConvNet
 from .resnet import ChannelGroup, ResNet
 
 __all__ = ["build", "create", "zoo_spec", "ZOO", "ChannelGroup", "ResNet", "ConvNet"]
 
 ZOO = ("resnet20", "resnet32", "resnet56", "resnet110", "preresnet110", "preresnet164",
-       "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "vgg19", "cnn4")
+       "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "imagenet-preresnet50",
+       "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2",
+       "resnext29_8x64d", "resnext29_16x64d", "vgg16", "vgg19", "cnn4")
 
 
 def zoo_spec(name: str, *, num_classes: int = 10, in_channels: int = 3, shortcut: str | None = None) -> Spec:
     """The spec of a zoo network.
 
     `resnetD` is a CIFAR ResNet (6n+2) or, for D in 18/34/50/101/152, torchvision's ImageNet ResNet;
-    `preresnetD` is a pre-activation CIFAR ResNet with option-A shortcuts (basic 6n+2; bottleneck
+    `resnextD_CxWd` is torchvision's ResNeXt (D in 50/101/152) or a CIFAR ResNeXt (D = 9n+2);
+    `wide_resnetD_K` torchvision's wide ResNet; `preresnetD` is a pre-activation CIFAR ResNet with option-A shortcuts (basic 6n+2; bottleneck
     for 164, as He et al.); `imagenet-preresnetD` is the pre-activation ImageNet ResNet of ε-ResNet;
     `vggD` a CIFAR VGG with BatchNorm; `cnn4` the 4-layer CNN of Ye et al.
     """
     kw = {"num_classes": num_classes, "in_channels": in_channels}
+    grouped = re.fullmatch(r"resnext(\d+)_(\d+)x(\d+)d|wide_resnet(\d+)_(\d+)", name)
+    if grouped:
+        depth, cardinality, width, wide_depth, factor = grouped.groups()
+        if wide_depth:
+            return imagenet_resnet_spec(int(wide_depth), width_per_group=64 * int(factor), **kw)
+        if int(depth) in IMAGENET_DEPTHS:
+            return imagenet_resnet_spec(int(depth), groups=int(cardinality), width_per_group=int(width), **kw)
+        return cifar_resnext_spec(int(depth), int(cardinality), int(width), **kw)
     match = re.fullmatch(r"(imagenet-pre|pre)?resnet(\d+)|vgg(\d+)|cnn4", name)
     if not match:
         raise SpecError(f"unknown model {name!r}; known: {', '.join(ZOO)} (and other depths of each family)")

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..gates import GateConfig, gated_batch_norm
 from ..spec import ConvNetSpec
-from .resnet import ChannelGroup, _init_weights
+from .resnet import ChannelGroup, ConstantInputBias, _init_weights
 
 POOL_LAYERS = {"max2": lambda: nn.MaxPool2d(2, 2), "max3s2": lambda: nn.MaxPool2d(3, 2, 1)}
 
@@ -18,12 +18,15 @@ class ConvLayer(nn.Module):
     def __init__(self, in_channels, layer, gates: GateConfig):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, layer.width, layer.kernel, 1, layer.pad, bias=False)
+        if layer.stencil:
+            self.stencil = ConstantInputBias(self.conv)
         self.bn = nn.BatchNorm2d(layer.width)
         self.gate = gates.channel_gate(layer.width)
         self.pool = POOL_LAYERS[layer.pool]() if layer.pool else nn.Identity()
 
     def forward(self, x):
-        return self.pool(F.relu(gated_batch_norm(self.bn, self.gate, self.conv(x))))
+        out = self.conv(x) + self.stencil(x) if hasattr(self, "stencil") else self.conv(x)
+        return self.pool(F.relu(gated_batch_norm(self.bn, self.gate, out)))
 
 
 class ConvNet(nn.Module):
@@ -44,6 +47,8 @@ class ConvNet(nn.Module):
     def channel_groups(self) -> list[ChannelGroup]:
         """Every layer's output channels are prunable; the last layer's feed the classifier."""
         layers = list(self.features)
+        last = len(layers) - 1
         return [ChannelGroup(f"features.{i}", layer.conv, layer.bn, layer.gate,
-                             layers[i + 1].conv if i + 1 < len(layers) else self.fc)
+                             layers[i + 1].conv if i < last else self.fc,
+                             (layer, "stencil") if i > 0 else None, (layers[i + 1], "stencil") if i < last else None)
                 for i, layer in enumerate(layers)]

@@ -25,6 +25,37 @@ class ChannelGroup:
     bn: nn.BatchNorm2d
     gate: nn.Module
     consumer: nn.Module
+    conv_stencil: tuple[nn.Module, str] | None = None  # (module, attribute) of conv's ConstantInputBias slot
+    consumer_stencil: tuple[nn.Module, str] | None = None  # the same for the consumer (None for a Linear)
+
+
+@dataclass
+class CardinalityGroups:
+    """The cardinality groups of a ResNeXt block: conv1's outputs and the grouped conv2's in/outputs of
+    group k are one structure, scaled by `gate` (one factor per group) after bn2, as in SSS."""
+
+    name: str
+    block: nn.Module
+    gate: nn.Module
+
+    @property
+    def count(self) -> int:
+        return self.block.conv2.groups
+
+
+class ConstantInputBias(nn.Module):
+    """What a conv outputs for a constant input under zero padding: per output channel, its k×k tap
+    sums (`weight`, shape C_out×1×k×k), applied as a convolution of a ones map so that borders are
+    exact. Compression puts here the constant relu(β) of removed BN-γ channels (exact folding)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.stride, self.padding = conv.stride, conv.padding
+        self.weight = nn.Parameter(torch.zeros(conv.out_channels, 1, *conv.kernel_size))
+
+    def forward(self, conv_input):
+        ones = conv_input.new_ones(1, 1, *conv_input.shape[2:])
+        return F.conv2d(ones, self.weight, None, self.stride, self.padding)
 
 
 class ZeroPadShortcut(nn.Module):
@@ -40,15 +71,17 @@ class ZeroPadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, 0, self.extra)) if self.extra else x
 
 
-def _conv(cin, cout, kernel, stride=1):
-    return nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, bias=False)
+def _conv(cin, cout, kernel, stride=1, groups=1):
+    return nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, bias=False, groups=groups)
 
 
 class ResidualBlock(nn.Module):
     """A basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1) block, post- or pre-activation.
 
     Post-activation layers are named as torchvision's (conv1, bn1, ..., downsample.0/.1); inner
-    channel gates sit after the BN of each inner conv, the block gate on the branch output.
+    channel gates sit after the BN of each inner conv, the block gate on the branch output. In a
+    grouped (ResNeXt) block the 3x3 conv has `spec.groups` groups; its inner channels are pruned
+    only as whole groups, whose factor sits after the grouped conv's BN (gate2).
     """
 
     def __init__(self, in_channels: int, spec: BlockSpec, block: str, preact: bool, gates: GateConfig):
@@ -61,12 +94,19 @@ class ResidualBlock(nn.Module):
             self.bn1 = nn.BatchNorm2d(in_channels)
         for i in range(self.num_convs):
             stride = spec.stride if (kernels[i] == 3 and (block == "basic") == (i == 0)) else 1
-            setattr(self, f"conv{i + 1}", _conv(widths[i], widths[i + 1], kernels[i], stride))
+            groups = spec.groups if kernels[i] == 3 else 1
+            setattr(self, f"conv{i + 1}", _conv(widths[i], widths[i + 1], kernels[i], stride, groups))
+            if spec.stencil and i > 0:
+                setattr(self, f"stencil{i + 1}", ConstantInputBias(getattr(self, f"conv{i + 1}")))
             bn_index = i + 2 if preact else i + 1
             if not (preact and i == self.num_convs - 1):
                 setattr(self, f"bn{bn_index}", nn.BatchNorm2d(widths[i + 1]))
             if i < self.num_convs - 1:
-                setattr(self, f"gate{i + 1}", gates.channel_gate(widths[i + 1]))
+                if spec.groups == 1:
+                    gate = gates.channel_gate(widths[i + 1])
+                else:
+                    gate = gates.group_gate(spec.groups, widths[i + 1] // spec.groups) if i == 1 else nn.Identity()
+                setattr(self, f"gate{i + 1}", gate)
         if spec.has_branch:
             self.gate = gates.block_gate()
         if spec.shortcut == "conv":
@@ -79,7 +119,10 @@ class ResidualBlock(nn.Module):
         """The residual function F(x) times its block gate (pre-activated input `pre` for pre-activation)."""
         out = pre if self.preact else x
         for i in range(1, self.num_convs + 1):
+            conv_input = out
             out = getattr(self, f"conv{i}")(out)
+            if i > 1 and self.spec.stencil:
+                out = out + getattr(self, f"stencil{i}")(conv_input)
             if i < self.num_convs:
                 bn = getattr(self, f"bn{i + 1 if self.preact else i}")
                 out = F.relu(gated_batch_norm(bn, getattr(self, f"gate{i}"), out))
@@ -99,11 +142,15 @@ class ResidualBlock(nn.Module):
         return out if self.preact else F.relu(out)
 
     def channel_groups(self, prefix: str) -> list[ChannelGroup]:
+        """Inner channels pruned one by one (none in a grouped block, whose channels go by whole groups)."""
         groups = []
+        if self.spec.groups > 1:
+            return groups
         for i in range(1, self.num_convs):
             bn = getattr(self, f"bn{i + 1 if self.preact else i}")
             groups.append(ChannelGroup(f"{prefix}.conv{i}", getattr(self, f"conv{i}"), bn,
-                                       getattr(self, f"gate{i}"), getattr(self, f"conv{i + 1}")))
+                                       getattr(self, f"gate{i}"), getattr(self, f"conv{i + 1}"),
+                                       (self, f"stencil{i}") if i > 1 else None, (self, f"stencil{i + 1}")))
         return groups
 
 
@@ -169,6 +216,11 @@ class ResNet(nn.Module):
     def channel_groups(self) -> list[ChannelGroup]:
         """Every prunable channel group: the inner widths of the residual branches."""
         return [g for s, b, block in self.residual_blocks() for g in block.channel_groups(f"layer{s + 1}.{b}")]
+
+    def cardinality_groups(self) -> list[CardinalityGroups]:
+        """The cardinality groups of every grouped (ResNeXt) block with a branch."""
+        return [CardinalityGroups(f"layer{s + 1}.{b}", block, block.gate2) for s, b, block in self.residual_blocks()
+                if block.spec.has_branch and block.spec.groups > 1]
 
 
 def _init_weights(model: nn.Module) -> None:

@@ -359,7 +359,9 @@ def budget_callbacks(model, spec, config, input_size) -> list[Callback]:
         raise ConfigError(f"target_{metric}: {target:,} is below the {floor:,} that {config.method} can reach on "
                           f"this model (stem, head and what cannot be removed); the dense model has {dense:,}")
     if config.method == "slimming":
-        return []
+        from .methods import SlimmingPrune
+
+        return [SlimmingPrune(lambda model: slimming_percent_for_target(model, spec, input_hw, target, metric))]
     if config.method == "epsilon-resnet":
         return [EpsilonBudget(spec, input_hw, target, metric, config.target_epoch_fraction)]
     from .methods import penalty_of

@@ -365,7 +365,7 @@ def compress_run(path: str | Path, out: str | Path | None = None, *, method: str
         dense = spec_cost(spec, size[1:]).macs
         prune_percent = slimming_percent_for_target(gated, spec, size[1:], resolve_target(config.target_macs, dense, "macs"))
     dead = dead_structures(gated, method, prune_percent=prune_percent)
-    everything = entirely_dead(gated, dead)
+    everything = entirely_dead(gated, dead) if method != "epsilon-resnet" else None  # ε may discard every branch
     if everything:
         raise CompressionError(f"{run}: {everything} is dead: the penalty diverged; train again with a lower "
                                f"--penalty (or a larger budget)")

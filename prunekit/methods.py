@@ -203,6 +203,22 @@ class L1Subgradient(Callback):
         add_l1_subgradient(self.params, self.strength_of())
 
 
+class SlimmingPrune(Callback):
+    """Network slimming's prune step at the end of training: γ = 0 on the channels at or below the
+    global |γ| percentile (`percent_of(model)`), before the last evaluation, so the final accuracy is
+    that of the network compression exports (their constant relu(β) is folded exactly)."""
+
+    def __init__(self, percent_of):
+        self.percent_of = percent_of
+
+    def after_step(self, trainer):
+        if trainer.epoch + 1 == trainer.epochs and trainer.step_in_epoch + 1 == len(trainer.train_loader):
+            dead = dead_structures(trainer.model, "slimming", prune_percent=self.percent_of(trainer.model))
+            with torch.no_grad():
+                for g in trainer.model.channel_groups():
+                    g.bn.weight.masked_fill_(dead.channels[g.name], 0.0)
+
+
 class SideSupervision(Callback):
     """ε-ResNet: cross-entropy of the side classifier, weighted, added to the loss."""
 
@@ -297,6 +313,8 @@ def build_method(model: nn.Module, config, input_size: tuple[int, ...]) -> Metho
     if method == "slimming":
         bn_weights = [g.bn.weight for g in model.channel_groups()]
         callbacks.append(L1Subgradient(bn_weights, lambda: penalty_of(config)))
+        if config.prune_percent is not None:
+            callbacks.append(SlimmingPrune(lambda _: config.prune_percent))
     if method == "epsilon-resnet":
         callbacks.append(SideSupervision(config.side_weight))
         callbacks.append(EpsilonSchedule(config.epsilon, config.epsilon_start_epoch))

@@ -44,10 +44,12 @@ def init_distributed(preference: str = "auto") -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), device)
 
 
-def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
-    """Element-wise sum of `values` over all ranks (identity when running alone)."""
-    if not ctx.enabled:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(t)
-    return t.tolist()
+REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+
+
+def all_reduce(tensor: torch.Tensor, ctx: DistContext, op: str = "sum") -> torch.Tensor:
+    """`tensor` reduced element-wise over all ranks, in place and on the device, so that nothing waits
+    until the result is read (identity when running alone)."""
+    if ctx.enabled:
+        dist.all_reduce(tensor, op=REDUCE_OPS[op])
+    return tensor

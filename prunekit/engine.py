@@ -3,6 +3,10 @@
 A `Callback` may add loss terms, act after `backward()` (e.g. an L1 subgradient) and after the
 optimizer steps (e.g. freezing dead structures), and report extra metrics each epoch. Several
 optimizers (one per parameter group, e.g. SGD for weights and APG for gates) share one LR policy.
+
+A training step never waits for the GPU: losses, correct counts and the non-finite flag add up on the
+device, and the host reads them every `check_every` steps and at the end of the epoch
+(tests/test_device.py counts these reads).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError, atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import DistContext, all_reduce_sum
+from .distributed import DistContext, all_reduce
 from .errors import one_line
 from .schedule import LRPolicy
 
@@ -59,17 +63,18 @@ class Callback:
         """Restore what `state_dict` saved."""
 
 
-def accuracy_counts(logits: torch.Tensor, targets: torch.Tensor) -> int:
-    return int((logits.argmax(1) == targets).sum())
-
-
 class Trainer:
-    """Trains `model` for `epochs`, evaluating and checkpointing after every epoch."""
+    """Trains `model` for `epochs`, evaluating and checkpointing after every epoch.
+
+    With `on_nan="stop"` a non-finite loss is found at the next read of the device (every `check_every`
+    steps and at the epoch end) and named by its step; with `on_nan="skip"` the host must know before
+    the optimizers step, so each step is read.
+    """
 
     def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], policy: LRPolicy,
                  train_loader, eval_loaders: dict, *, epochs: int, run_dir: str | Path | None = None,
                  callbacks=(), ctx: DistContext | None = None, amp: bool = False, channels_last: bool = False,
-                 label_smoothing: float = 0.0, on_nan: str = "stop", log=None):
+                 label_smoothing: float = 0.0, on_nan: str = "stop", check_every: int = 50, log=None):
         self.ctx = ctx or DistContext()
         self.model = model.to(self.ctx.device)
         if channels_last:
@@ -83,7 +88,7 @@ class Trainer:
         self.epochs, self.callbacks = epochs, list(callbacks)
         self.run_dir = Path(run_dir) if run_dir else None
         self.amp, self.channels_last = amp, channels_last
-        self.label_smoothing, self.on_nan = label_smoothing, on_nan
+        self.label_smoothing, self.on_nan, self.check_every = label_smoothing, on_nan, check_every
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and self.ctx.device.type == "cuda")
         self.history: list[dict] = []
         self.epoch = 0
@@ -155,19 +160,25 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
 
+    def _zero(self) -> torch.Tensor:
+        """A float64 accumulator on the device (exact for counts below 2**53)."""
+        return torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+
     def train_epoch(self) -> dict:
         self.model.train()
         self.train_loader.set_epoch(self.epoch)
         steps = len(self.train_loader)
         if steps == 0:
             raise TrainingError("the training set is smaller than one batch; lower the batch size or use more data")
-        loss_sum = correct = seen = 0.0
-        skipped_before = self.skipped_steps
+        loss_sum, correct = self._zero(), self._zero()
+        clean = torch.ones((), dtype=torch.bool, device=self.ctx.device)  # no non-finite loss yet this epoch
+        clean_steps = self._zero()  # steps before the first non-finite loss
+        seen, skipped_before = 0, self.skipped_steps
         start = time.perf_counter()
-        batches = self.train_loader
+        batches, bar = self.train_loader, None
         if self.ctx.is_main and sys.stderr.isatty():
             from tqdm import tqdm
-            batches = tqdm(batches, total=steps, desc=f"epoch {self.epoch + 1}/{self.epochs}", leave=False)
+            batches = bar = tqdm(batches, total=steps, desc=f"epoch {self.epoch + 1}/{self.epochs}", leave=False)
         for self.step_in_epoch, (x, y) in enumerate(batches):
             x, y = self._prepare(x, y)
             lr = self.set_lr(self.epoch + self.step_in_epoch / steps)
@@ -176,9 +187,10 @@ class Trainer:
                 loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
                 for term in (t for cb in self.callbacks for t in cb.loss_terms(self, logits, y).values()):
                     loss = loss + term
-            if not torch.isfinite(loss):
-                if self._non_finite(loss):
-                    continue
+            finite = torch.isfinite(loss.detach())
+            if self.on_nan == "skip" and not all_reduce(finite.double(), self.ctx, "min"):  # reads every step
+                self.skipped_steps += 1
+                continue
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -191,11 +203,16 @@ class Trainer:
             self.scaler.update()
             for cb in self.callbacks:
                 cb.after_step(self)
-            n = y.numel()
-            loss_sum += float(loss.detach()) * n
-            correct += accuracy_counts(logits.detach(), y)
-            seen += n
-        loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], self.ctx)
+            loss_sum.add_(loss.detach(), alpha=y.numel())
+            correct.add_((logits.detach().argmax(1) == y).sum())
+            clean.logical_and_(finite)
+            clean_steps.add_(clean)
+            seen += y.numel()
+            if (self.step_in_epoch + 1) % self.check_every == 0 and self.step_in_epoch + 1 < steps:
+                running_loss, running_seen = self._read(steps, clean, clean_steps, loss_sum, seen)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{running_loss / running_seen:.4g}", refresh=False)
+        loss_sum, seen, correct = self._read(steps, clean, clean_steps, loss_sum, seen, correct)
         if seen == 0:
             raise TrainingError(f"every step of epoch {self.epoch + 1} had a non-finite loss: training has "
                                 f"diverged; lower the learning rate or penalty and rerun")
@@ -206,31 +223,34 @@ class Trainer:
             metrics["skipped_steps"] = self.skipped_steps - skipped_before
         return metrics
 
-    def _non_finite(self, loss) -> bool:
-        """Skip the step (returns True) or stop with a message naming the step and last checkpoint."""
-        where = f"epoch {self.epoch + 1}, step {self.step_in_epoch + 1}"
-        if self.on_nan == "skip":
-            self.skipped_steps += 1
-            for opt in self.optimizers:
-                opt.zero_grad(set_to_none=True)
-            return True
-        last = latest_checkpoint(self.run_dir) if self.run_dir else None
-        raise TrainingError(f"non-finite loss ({loss.detach().item()}) at {where}; last good checkpoint: "
-                            f"{last if last else 'none written yet'} (resume with --resume, or use --on-nan skip)")
+    def _read(self, steps: int, clean, clean_steps, loss_sum, seen: int, *more) -> list[float]:
+        """The epoch's running loss sum, images seen and `more` summed over ranks, in one read of the
+        device; stops the run if any rank has had a non-finite loss this epoch."""
+        first_bad = all_reduce(torch.where(clean, steps, clean_steps).view(1), self.ctx, "min")
+        totals = all_reduce(torch.stack([loss_sum, torch.full_like(loss_sum, seen), *more]), self.ctx)
+        first_bad, *totals = torch.cat([first_bad, totals]).tolist()
+        if first_bad < steps:
+            last = latest_checkpoint(self.run_dir) if self.run_dir else None
+            raise TrainingError(f"non-finite loss at epoch {self.epoch + 1}, step {int(first_bad) + 1}; last good "
+                                f"checkpoint: {last if last else 'none written yet'} (resume with --resume, or "
+                                f"use --on-nan skip)")
+        return totals
 
     @torch.no_grad()
     def evaluate(self, loader) -> dict:
-        """Mean loss and accuracy over the loader (reduced over ranks)."""
+        """Mean loss and accuracy over the loader (reduced over ranks), read from the device once."""
         self.model.eval()
-        loss_sum = correct = seen = 0.0
+        loss_sum, correct = self._zero(), self._zero()
+        seen = 0
         for x, y in loader:
             x, y = self._prepare(x, y)
             with self._autocast():
                 logits = self.model(x)
-            loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-            correct += accuracy_counts(logits, y)
+            loss_sum.add_(F.cross_entropy(logits.float(), y, reduction="sum"))
+            correct.add_((logits.argmax(1) == y).sum())
             seen += y.numel()
-        loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], self.ctx)
+        loss_sum, correct, seen = all_reduce(torch.stack([loss_sum, correct, torch.full_like(loss_sum, seen)]),
+                                             self.ctx).tolist()
         return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1)}
 
     def fit(self, resume: bool = False) -> list[dict]:

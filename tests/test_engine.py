@@ -10,23 +10,28 @@ from prunekit.checkpoint import latest_checkpoint
 from prunekit.config import make_config
 from prunekit.data import ArrayDataset, BatchLoader
 from prunekit.engine import Callback, Trainer, TrainingError
-from prunekit.methods import build_method, gate_config
+from prunekit.methods import build_method, gate_config, side_head_position
 from prunekit.models import build
 from prunekit.schedule import make_policy
-from prunekit.spec import ConvLayerSpec, ConvNetSpec
+from prunekit.spec import ConvLayerSpec, ConvNetSpec, cifar_resnet_spec
 
 
-def tiny_setup(tmp_path, method="sss", epochs=3, callbacks=(), **overrides):
+TINY_CONVNET = ConvNetSpec([ConvLayerSpec(8), ConvLayerSpec(8, pool="max2")], num_classes=4, in_channels=1)
+TINY_RESNET = cifar_resnet_spec(8, num_classes=4, in_channels=1)  # ε-ResNet gates residual branches
+
+
+def tiny_setup(tmp_path, method="sss", epochs=3, callbacks=(), images=64, **overrides):
+    """A trainer of `method` on `images` learnable 8x8 images, 16 a batch."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    labels = torch.arange(64) % 4
-    images = torch.randint(0, 50, (64, 1, 8, 8), generator=g, dtype=torch.uint8)
+    labels = torch.arange(images) % 4
+    pixels = torch.randint(0, 50, (images, 1, 8, 8), generator=g, dtype=torch.uint8)
     for i, y in enumerate(labels):
-        images[i, 0, 2 * y:2 * y + 2, :] = 250
-    data = ArrayDataset(images, labels, 4, "tiny")
+        pixels[i, 0, 2 * y:2 * y + 2, :] = 250
+    data = ArrayDataset(pixels, labels, 4, "tiny")
     config = make_config({"method": method, "epochs": epochs, "lr": 0.05, "batch_size": 16, **overrides})
-    spec = ConvNetSpec([ConvLayerSpec(8), ConvLayerSpec(8, pool="max2")], num_classes=4, in_channels=1)
-    model = build(spec, gate_config(method, config))
+    spec = TINY_RESNET if method == "epsilon-resnet" else TINY_CONVNET
+    model = build(spec, gate_config(method, config), side_head_position(spec) if method == "epsilon-resnet" else None)
     parts = build_method(model, config, (1, 8, 8))
     train = BatchLoader(data, 16, train=True, mean=(0.2,), std=(0.3,), pad=1, flip=True, seed=0)
     test = BatchLoader(data, 16, train=False, mean=(0.2,), std=(0.3,))
@@ -68,14 +73,22 @@ def test_interrupted_then_resumed_run_ends_with_identical_weights(tmp_path, meth
 
 
 class PoisonLoss(Callback):
-    """A NaN loss term in every step of epoch 2, or with `every=2` in its odd-numbered steps only."""
+    """A NaN loss term in the given steps of epoch 2 (0-based; every step by default)."""
 
-    def __init__(self, every: int = 1):
-        self.every = every
+    def __init__(self, steps=None):
+        self.steps = steps
 
     def loss_terms(self, trainer, logits, targets):
-        poisoned = trainer.epoch == 1 and trainer.step_in_epoch % self.every == 0
+        poisoned = trainer.epoch == 1 and (self.steps is None or trainer.step_in_epoch in self.steps)
         return {"poison": torch.tensor(float("nan"))} if poisoned else {}
+
+
+class CountSteps(Callback):
+    def __init__(self):
+        self.steps = 0
+
+    def after_step(self, trainer):
+        self.steps += 1
 
 
 def test_nan_loss_stops_naming_step_and_last_checkpoint(tmp_path):
@@ -84,8 +97,22 @@ def test_nan_loss_stops_naming_step_and_last_checkpoint(tmp_path):
         trainer.fit()
 
 
+@pytest.mark.parametrize("check_every, steps_run", [(50, 8), (2, 6)])
+def test_nan_loss_is_found_at_the_next_read_and_named_by_its_first_step(tmp_path, check_every, steps_run):
+    """The device is read every `check_every` steps and at the epoch end: the run stops at the first
+    read after the NaN (here after step 2 of 4, or at the epoch end), naming the step where it began."""
+    counter = CountSteps()
+    trainer = tiny_setup(tmp_path, "none", callbacks=[PoisonLoss(steps={1, 2}), counter])
+    trainer.check_every = check_every
+    with pytest.raises(TrainingError, match=r"non-finite loss at epoch 2, step 2; last good checkpoint: .*epoch-0001"):
+        trainer.fit()
+    assert counter.steps == steps_run
+    assert latest_checkpoint(tmp_path).name == "epoch-0001"
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
 def test_nan_loss_steps_can_be_skipped(tmp_path):
-    trainer = tiny_setup(tmp_path, "none", callbacks=[PoisonLoss(every=2)], on_nan="skip")
+    trainer = tiny_setup(tmp_path, "none", callbacks=[PoisonLoss(steps={0, 2})], on_nan="skip")
     trainer.fit()
     assert trainer.skipped_steps == 2 and len(trainer.history) == 3
     assert [h["skipped_steps"] for h in trainer.history] == [0, 2, 0]
@@ -120,7 +147,7 @@ sys.path.insert(0, os.environ["TESTS_DIR"])
 from pathlib import Path
 from test_engine import tiny_setup
 from prunekit.data import BatchLoader
-from prunekit.distributed import all_reduce_sum, init_distributed
+from prunekit.distributed import all_reduce, init_distributed
 from prunekit.engine import Trainer
 ctx = init_distributed("cpu")
 base = tiny_setup(Path(sys.argv[1]) / f"rank{ctx.rank}", "sss", epochs=2)
@@ -133,7 +160,7 @@ test = BatchLoader(dataset, 16, train=False, mean=(0.2,), std=(0.3,), rank=ctx.r
 trainer = Trainer(base.model, base.optimizers, base.policy, train, {"test": test}, epochs=2, ctx=ctx,
                   callbacks=base.callbacks, log=lambda m: None)
 history = trainer.fit()
-seen = all_reduce_sum([float(len(test.labels[ctx.rank::ctx.world_size]))], ctx)[0]
+seen = all_reduce(torch.tensor(float(len(test.labels[ctx.rank::ctx.world_size]))), ctx).item()
 gates = {k: v for k, v in trainer.model.state_dict().items() if "gate" in k}
 keep = [{k: v for k, v in h.items() if k not in ("train_images_per_s", "epoch_time_s")} for h in history]
 torch.save({"gates": gates, "history": keep, "test_seen": seen}, Path(sys.argv[1]) / f"rank{ctx.rank}.pt")

@@ -1,0 +1,139 @@
+"""GPU properties of the training loop, proved on the CPU.
+
+- No step waits for the device: every call that makes the host wait for a GPU (a read of a value, a
+  copy to the CPU, a data-dependent shape) is counted, and an epoch of 8 steps makes exactly as many as
+  one of 4: the reads `Trainer._read` does once per epoch (and every `check_every` steps).
+- No tensor is made on the wrong device: with the default device set to "meta", a tensor created
+  without an explicit device cannot be combined with the model's, as a CPU tensor could not with a
+  GPU model's.
+"""
+import sys
+import traceback
+
+import pytest
+import torch
+from test_engine import tiny_setup
+from torch.overrides import TorchFunctionMode
+
+from prunekit.methods import METHODS
+
+EPOCH_READS = 1  # Trainer._read at the epoch end: loss sum, images seen, correct count and non-finite flag
+EVAL_READS = 1  # Trainer.evaluate: loss sum, correct count and images seen
+
+HOST_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
+              torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy,
+              torch.Tensor.nonzero, torch.nonzero, torch.Tensor.equal, torch.equal, torch.Tensor.allclose,
+              torch.allclose}
+INDEXING = {torch.Tensor.__getitem__, torch.Tensor.__setitem__}
+
+
+def _is_mask(index) -> bool:
+    """A boolean-tensor index selects a data-dependent number of elements: the host must count them."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+
+
+def _where() -> str:
+    """The innermost line outside torch and this file, and the prunekit line that led to it."""
+    outside = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename]
+    own = [f for f in outside if "/prunekit/" in f.filename]
+    line = lambda f: f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno} ({f.name})"
+    return line(outside[-1]) + (f" via {line(own[-1])}" if own and own[-1] is not outside[-1] else "")
+
+
+class count_syncs(TorchFunctionMode):
+    """Records each call that makes the host wait for a GPU, with where it was made (`.calls`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS or (func in INDEXING and _is_mask(args[1])):
+            self.calls.append(f"{func.__name__} at {_where()}")
+        return func(*args, **(kwargs or {}))
+
+
+def epoch_reads(tmp_path, method: str, images: int, **options) -> list[str]:
+    """The waits of one training epoch of `method` on `images` images (16 a batch)."""
+    trainer = tiny_setup(tmp_path / f"{method}-{images}", method, images=images, **options)
+    with count_syncs() as syncs:
+        trainer.train_epoch()
+    return syncs.calls
+
+
+def test_the_counter_sees_every_kind_of_wait():
+    x, mask = torch.arange(4.0), torch.tensor([True, False, True, False])
+    with count_syncs() as syncs:
+        x.sum().item(), bool(x[0]), float(x[1]), int(x[2]), x.tolist(), x.cpu(), x.numpy(), x.nonzero()
+        x[mask], x[1:], x[torch.tensor([0, 1])]
+        x[mask] = 0.0
+        if x.max() > 0:
+            pass
+    assert [c.split(" at ")[0] for c in syncs.calls] == [
+        "item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy", "nonzero", "__getitem__",
+        "__setitem__", "__bool__"]
+    assert all("test_device.py" in c for c in syncs.calls)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_no_training_step_waits_for_the_device(tmp_path, method):
+    """8 steps wait exactly as often as 4: only the epoch's own reads remain."""
+    four, eight = epoch_reads(tmp_path, method, 64), epoch_reads(tmp_path, method, 128)
+    assert len(eight) == len(four) == EPOCH_READS, "\n".join(eight)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_evaluation_reads_the_device_once(tmp_path, method):
+    trainer = tiny_setup(tmp_path, method, images=128)
+    with count_syncs() as syncs:
+        trainer.evaluate(trainer.eval_loaders["test"])
+    assert len(syncs.calls) == EVAL_READS, "\n".join(syncs.calls)
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_the_device_is_read_every_check_every_steps_and_the_progress_bar_adds_no_read(tmp_path, monkeypatch,
+                                                                                    terminal):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    trainer = tiny_setup(tmp_path, "sss", images=128)
+    trainer.check_every = 3
+    with count_syncs() as syncs:
+        trainer.train_epoch()
+    assert len(syncs.calls) == 2 + EPOCH_READS, "\n".join(syncs.calls)  # after steps 3 and 6 of 8, and the end
+
+
+def test_skipping_non_finite_steps_reads_each_step(tmp_path):
+    """Skipping an optimizer step needs the host to know, before it steps, that the loss is finite."""
+    four, eight = epoch_reads(tmp_path, "none", 64, on_nan="skip"), epoch_reads(tmp_path, "none", 128, on_nan="skip")
+    assert len(four) == 4 + EPOCH_READS and len(eight) == 8 + EPOCH_READS, "\n".join(eight)
+
+
+class DrawnOnCPU:
+    """A loader whose batches are drawn before the code under test runs, outside its default device."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def set_epoch(self, epoch):
+        self.loader.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        with torch.device("cpu"):
+            return iter(list(self.loader))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_no_tensor_is_created_off_the_model_device(tmp_path, method):
+    """Training, evaluation, every callback and the checkpoint with "meta" as the default device: a
+    tensor made without `device=` would be a meta tensor meeting the model's CPU tensors, and fail."""
+    trainer = tiny_setup(tmp_path, method, epochs=2)
+    trainer.train_loader = DrawnOnCPU(trainer.train_loader)
+    trainer.eval_loaders = {name: DrawnOnCPU(loader) for name, loader in trainer.eval_loaders.items()}
+    with torch.device("meta"):  # what torch.set_default_device("meta") sets, for this block only
+        history = trainer.fit()
+    assert len(history) == 2 and all(h["train_loss"] > 0 for h in history)
+    assert all(p.device.type == "cpu" for p in trainer.model.parameters())
+

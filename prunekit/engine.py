@@ -63,12 +63,21 @@ class Callback:
         """Restore what `state_dict` saved."""
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device computes it natively (CPU, Ampere and later GPUs), which needs no loss
+    scaling; fp16 on older GPUs, whose GradScaler reads its overflow flag every step."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.float16
+    return torch.bfloat16
+
+
 class Trainer:
     """Trains `model` for `epochs`, evaluating and checkpointing after every epoch.
 
-    With `on_nan="stop"` a non-finite loss is found at the next read of the device (every `check_every`
-    steps and at the epoch end) and named by its step; with `on_nan="skip"` the host must know before
-    the optimizers step, so each step is read.
+    On CUDA it lets cuDNN pick the fastest convolution algorithms and keeps activations channels-last
+    (`channels_last` asks for that layout on other devices). With `on_nan="stop"` a non-finite loss is
+    found at the next read of the device (every `check_every` steps and at the epoch end) and named by
+    its step; with `on_nan="skip"` the host must know before the optimizers step, so each step is read.
     """
 
     def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], policy: LRPolicy,
@@ -76,6 +85,10 @@ class Trainer:
                  callbacks=(), ctx: DistContext | None = None, amp: bool = False, channels_last: bool = False,
                  label_smoothing: float = 0.0, on_nan: str = "stop", check_every: int = 50, log=None):
         self.ctx = ctx or DistContext()
+        on_cuda = self.ctx.device.type == "cuda"
+        if on_cuda:
+            torch.backends.cudnn.benchmark = True
+        channels_last = channels_last or on_cuda
         self.model = model.to(self.ctx.device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -89,7 +102,8 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir else None
         self.amp, self.channels_last = amp, channels_last
         self.label_smoothing, self.on_nan, self.check_every = label_smoothing, on_nan, check_every
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp and self.ctx.device.type == "cuda")
+        self.amp_dtype = autocast_dtype(self.ctx.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp and self.amp_dtype == torch.float16)
         self.history: list[dict] = []
         self.epoch = 0
         self.step_in_epoch = 0
@@ -151,8 +165,7 @@ class Trainer:
         return lr
 
     def _autocast(self):
-        dtype = torch.float16 if self.ctx.device.type == "cuda" else torch.bfloat16
-        return torch.autocast(self.ctx.device.type, dtype=dtype, enabled=self.amp)
+        return torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=self.amp)
 
     def _prepare(self, x, y):
         x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)

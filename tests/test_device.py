@@ -15,6 +15,7 @@ import torch
 from test_engine import tiny_setup
 from torch.overrides import TorchFunctionMode
 
+from prunekit.engine import autocast_dtype
 from prunekit.methods import METHODS
 
 EPOCH_READS = 1  # Trainer._read at the epoch end: loss sum, images seen, correct count and non-finite flag
@@ -137,3 +138,15 @@ def test_no_tensor_is_created_off_the_model_device(tmp_path, method):
     assert len(history) == 2 and all(h["train_loss"] > 0 for h in history)
     assert all(p.device.type == "cpu" for p in trainer.model.parameters())
 
+
+def test_mixed_precision_is_bf16_without_loss_scaling_where_the_device_has_it(tmp_path, monkeypatch):
+    trainer = tiny_setup(tmp_path, "sss", epochs=1, amp=True)
+    with trainer._autocast():
+        assert trainer.model(torch.zeros(2, 1, 8, 8)).dtype == torch.bfloat16
+    assert not trainer.scaler.is_enabled()
+    assert trainer.fit()[-1]["train_loss"] > 0
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: including_emulation)
+    assert autocast_dtype(torch.device("cuda")) == torch.float16  # bf16 only emulated: fp16 and a GradScaler
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: True)
+    assert autocast_dtype(torch.device("cuda")) == torch.bfloat16
+    assert autocast_dtype(torch.device("cpu")) == torch.bfloat16

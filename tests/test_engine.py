@@ -36,8 +36,8 @@ def tiny_setup(tmp_path, method="sss", epochs=3, callbacks=(), images=64, **over
     train = BatchLoader(data, 16, train=True, mean=(0.2,), std=(0.3,), pad=1, flip=True, seed=0)
     test = BatchLoader(data, 16, train=False, mean=(0.2,), std=(0.3,))
     return Trainer(model, parts.optimizers, make_policy(config), train, {"test": test}, epochs=epochs,
-                   run_dir=tmp_path, callbacks=list(parts.callbacks) + list(callbacks), on_nan=config.on_nan,
-                   log=lambda m: None)
+                   run_dir=tmp_path, callbacks=list(parts.callbacks) + list(callbacks), amp=config.amp,
+                   on_nan=config.on_nan, log=lambda m: None)
 
 
 def test_training_lowers_the_loss(tmp_path):

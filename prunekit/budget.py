@@ -12,6 +12,12 @@ that order, skipping any whose removal would overshoot the target by more than t
 target is met; they are zeroed and every other structure is kept alive (revived at a small value if
 it had reached zero). From then on the dead set is frozen (re-zeroed after every step), the penalty
 is 0, and the remaining structures keep training.
+
+That is `budget_rule="exact"`. With `"paper"` the controller steers only the paper's own knob (γ for
+SSS and binary gates, ρ with Ye's per-layer c_l for ISTA, ε for ε-ResNet): every structure shares
+one penalty, what the paper's rule kills (factor 0, gate off, branch discarded) stays dead, and the
+freeze only adds structures by ascending |factor| when the target is not met yet (ε-ResNet: the
+freeze just stops steering ε). It lands near the target, not on it.
 """
 from __future__ import annotations
 
@@ -105,6 +111,12 @@ def cost_weights(model: nn.Module, spec: specs.Spec, input_hw, metric: str = "ma
     return {k: max(v, 1) / mean for k, v in weights.items()}
 
 
+def _paper_dead(model, structure) -> bool:
+    """Whether the method's own rule has removed this structure: factor exactly 0, or a binary gate off."""
+    _, _, index, tensor = structure
+    return float(tensor.view(-1)[index]) == 0 or _binary_off(model, tensor, index)
+
+
 def _binary_off(model, tensor, index) -> bool:
     """Whether a binary gate's float value is below its threshold (the gate reads 0)."""
     for m in model.modules():
@@ -118,8 +130,8 @@ class BudgetController(Callback):
 
     def __init__(self, spec, method: str, input_hw, target: int, metric: str, reach_fraction: float,
                  penalty: float, check_every: int = 20, gain: float = 8.0, margin: float = 0.005,
-                 bound: float = 100.0):
-        self.spec, self.method, self.input_hw = spec, method, input_hw
+                 bound: float = 100.0, rule: str = "exact"):
+        self.spec, self.method, self.input_hw, self.rule = spec, method, input_hw, rule
         self.target, self.metric, self.reach_fraction = target, metric, reach_fraction
         self.penalty, self.check_every, self.gain, self.margin = penalty, check_every, gain, margin
         self.limits = (penalty / bound, penalty * bound)
@@ -141,12 +153,14 @@ class BudgetController(Callback):
                     group["penalty"] = value * group.get("budget_weight", 1.0)
 
     def setup(self, trainer):
+        """`exact`: each structure's penalty is scaled by its cost weight (replacing ISTA's c_l); `paper`:
+        the method's own per-group weights stay (Ye's c_l for ISTA, one γ for every SSS factor)."""
         weights = cost_weights(trainer.model, self.spec, self.input_hw, self.metric)
         owners = {id(tensor): key for _, key, _, tensor in _structures(trainer.model)}
         for opt in trainer.optimizers[1:]:
             for group in opt.param_groups:
                 key = owners.get(id(group["params"][0]))
-                if key is not None:
+                if key is not None and self.rule == "exact":
                     group["budget_weight"] = weights[key]
                     if "cost" in group:
                         group["cost"] = 1.0
@@ -176,11 +190,16 @@ class BudgetController(Callback):
 
     @torch.no_grad()
     def freeze(self, trainer) -> None:
-        """Choose the dead set that meets the target exactly, zero it, and stop the penalty."""
+        """Choose the dead set that meets the target, zero it, and stop the penalty. `exact` ranks every
+        structure by |factor| / cost weight; `paper` keeps what the paper's rule killed (factor 0, or a
+        binary gate off) and, if the target is not met yet, adds structures by ascending |factor|."""
         model = trainer.model
         weights = cost_weights(model, self.spec, self.input_hw, self.metric)
-        candidates = sorted(_structures(model),
-                            key=lambda c: float(c[3].detach().view(-1)[c[2]].abs()) / weights[c[1]])
+        if self.rule == "paper":
+            candidates = sorted(_structures(model), key=lambda c: (not _paper_dead(model, c), float(c[3].detach().view(-1)[c[2]].abs())))
+        else:
+            candidates = sorted(_structures(model),
+                                key=lambda c: float(c[3].detach().view(-1)[c[2]].abs()) / weights[c[1]])
 
         def cost_of(chosen):
             dead = DeadSet({g.name: torch.zeros(g.bn.num_features, dtype=torch.bool) for g in model.channel_groups()},
@@ -197,13 +216,14 @@ class BudgetController(Callback):
 
         chosen, cost = [], self.dense
         for candidate in candidates:
+            removed_by_paper = self.rule == "paper" and _paper_dead(model, candidate)  # stays removed, wherever that lands
+            if cost <= self.target and not removed_by_paper:
+                break
             trial = cost_of(chosen + [candidate])
-            if trial < self.target - self.margin * self.dense:
+            if trial < self.target - self.margin * self.dense and not removed_by_paper:
                 continue  # removing it would overshoot the target: it stays
             chosen.append(candidate)
             cost = trial
-            if cost <= self.target:
-                break
         self._fix(model, [(t, i) for _, _, i, t in chosen])
         self.frozen = True
         self._set_penalty(trainer, 0.0)
@@ -259,8 +279,9 @@ class EpsilonBudget(Callback):
     it, multiplies it by its learned scale (or restores the frozen per-block values).
     """
 
-    def __init__(self, spec, input_hw, target: int, metric: str, reach_fraction: float, gain: float = 4.0):
-        self.spec, self.input_hw, self.target, self.metric = spec, input_hw, target, metric
+    def __init__(self, spec, input_hw, target: int, metric: str, reach_fraction: float, gain: float = 4.0,
+                 rule: str = "exact"):
+        self.spec, self.input_hw, self.target, self.metric, self.rule = spec, input_hw, target, metric, rule
         self.reach_fraction, self.gain = reach_fraction, gain
         self.dense = getattr(spec_cost(spec, input_hw), metric)
         self.scale, self.frozen_epsilons = 1.0, None
@@ -286,7 +307,12 @@ class EpsilonBudget(Callback):
                        self.metric)
 
     def _freeze(self, model) -> None:
+        """`exact`: discard for good the prefix of blocks nearest the target; `paper`: only stop steering
+        (each block keeps its ε, and the discard rule alone decides what goes)."""
         gates, positions = self._gated_blocks(model)
+        if self.rule == "paper":
+            self.frozen_epsilons = [float(gate.epsilon) for gate in gates]
+            return
         order = sorted(range(len(gates)),
                        key=lambda i: (-float(gates[i].is_discarded), float(gates[i].peak_average)))
         costs = [self._cost(model, [positions[i] for i in order[:k]]) for k in range(len(order) + 1)]
@@ -363,8 +389,8 @@ def budget_callbacks(model, spec, config, input_size) -> list[Callback]:
 
         return [SlimmingPrune(lambda model: slimming_percent_for_target(model, spec, input_hw, target, metric))]
     if config.method == "epsilon-resnet":
-        return [EpsilonBudget(spec, input_hw, target, metric, config.target_epoch_fraction)]
+        return [EpsilonBudget(spec, input_hw, target, metric, config.target_epoch_fraction, rule=config.budget_rule)]
     from .methods import penalty_of
 
     return [BudgetController(spec, config.method, input_hw, target, metric, config.target_epoch_fraction,
-                             penalty_of(config))]
+                             penalty_of(config), rule=config.budget_rule)]

@@ -17,6 +17,10 @@ OPTION_HELP = {
     "sss_structures": "what SSS gates: channels, blocks, groups (ResNeXt) or a '+' join (default channels+blocks)",
     "discard_rule": "ε-ResNet: average (moving average reads 1, the authors' code) or weights (also decayed to "
                     "within --discard-tolerance)",
+    "budget_rule": "with a target: exact (penalty per structure ∝ its cost, the freeze ranks |factor|/cost) or "
+                   "paper (only the paper's knob is steered: γ, ρ with Ye's c_l, ε; what dies is the paper's rule, "
+                   "a final freeze ranks by |factor|)",
+    "init": "start from the weights of a run (its final model) or a compressed export (give its spec as --model)",
     "epsilon_start_epoch": "ε-ResNet: ε is 0 before this epoch (the authors' CIFAR code: 150)",
 }
 

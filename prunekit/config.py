@@ -39,6 +39,7 @@ class Config:
     lr_gamma: float = 0.1
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
+    init: str | None = None
     # execution
     seed: int = 0
     device: str = "auto"
@@ -65,6 +66,7 @@ class Config:
     target_macs: float | None = None
     target_params: float | None = None
     target_epoch_fraction: float = 0.6
+    budget_rule: str = "exact"
     # pipeline and retraining
     sparse_epochs: int = 3
     finetune_epochs: int = 5
@@ -76,7 +78,8 @@ class Config:
 
 SCHEDULES = ("onecycle", "cosine", "step", "constant", "piecewise")
 SSS_STRUCTURES = ("channels", "blocks", "groups")
-CHOICES = {"schedule": SCHEDULES, "on_nan": ("stop", "skip"), "discard_rule": ("average", "weights")}
+CHOICES = {"schedule": SCHEDULES, "on_nan": ("stop", "skip"), "discard_rule": ("average", "weights"),
+           "budget_rule": ("exact", "paper")}
 
 
 def _field_types() -> dict[str, object]:

@@ -163,6 +163,11 @@ def sparsity_metrics(model: nn.Module, method: str, costs: dict[str, float] | No
         metrics["alive_blocks"] = [sum(1 for s, b, blk in blocks if s == st and blk.spec.has_branch
                                        and (s, b) not in dead.blocks) for st in range(stages)]
         metrics["dead_blocks"] = len(dead.blocks)
+    cardinality = getattr(model, "cardinality_groups", lambda: [])()
+    if cardinality:
+        metrics["alive_groups"] = [int((~dead.groups[cg.name]).sum()) if cg.name in dead.groups else cg.count
+                                   for cg in cardinality]
+        metrics["dead_groups"] = dead.count_groups()
     if method == "epsilon-resnet":
         gates = [blk.gate for _, _, blk in blocks if blk.spec.has_branch]
         # the authors' discarded_cnt, as logged and read by their LR policy: the moving average of the count

@@ -149,7 +149,12 @@ def load_final(directory: Path) -> tuple[specs.Spec, GateConfig, dict, tuple[int
 
 def load_into(model: torch.nn.Module, weights: dict) -> None:
     """Load plain weights into a possibly gated model: only gate and side-head entries may be missing."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:
+        from .errors import one_line
+
+        raise ConfigError(f"initial weights do not fit the model ({one_line(exc, 200)})") from None
     missing = [k for k in missing if ".gate" not in k and not k.startswith("side_head.")]
     if missing or unexpected:
         raise ConfigError(f"initial weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -166,6 +171,10 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, force: b
     side = side_head_position(spec) if config.method == "epsilon-resnet" else None
     model = build(spec, gates, side)
     budget = budget_callbacks(model, spec, config, input_size(config))  # refuses impossible targets up front
+    if initial_weights is None and config.init:
+        from .compress import load_any
+
+        initial_weights = load_any(config.init)[0].state_dict()
     if initial_weights is not None:
         load_into(model, initial_weights)
     train_loader, eval_loaders = make_loaders(config, ctx)  # bad data is refused before the run directory is touched

@@ -1,5 +1,7 @@
 import math
 
+import torch
+
 import pytest
 
 from prunekit.budget import budget_callbacks, minimum_cost, projected_spec
@@ -89,3 +91,27 @@ def test_control_law_multiplies_the_penalty_and_stays_within_its_anti_windup_bou
     assert trainer.optimizers[1].param_groups[0]["penalty"] == pytest.approx(
         trainer.optimizers[1].param_groups[0]["budget_weight"])  # what the optimizer applies: penalty × cost weight
     assert not controller.frozen
+
+
+@pytest.mark.parametrize("rule", ["exact", "paper"])
+def test_paper_rule_keeps_yes_cost_weights_and_what_the_rule_killed(tmp_path, rule):
+    """ISTA under a budget: `paper` leaves Ye's c_l on each γ group and no per-structure budget weight, and its
+    freeze keeps every γ already at 0 even past the target; `exact` swaps c_l for cost weights and revives."""
+    from prunekit.methods import ista_costs
+
+    trainer = tiny_setup(tmp_path, "ista-bn", epochs=4, penalty=0.01)
+    config = make_config({"method": "ista-bn", "target_macs": 0.8, "penalty": 0.01, "budget_rule": rule})
+    (controller,) = budget_callbacks(trainer.model, trainer.model.spec, config, (1, 8, 8))
+    controller.setup(trainer)
+    groups = trainer.optimizers[1].param_groups
+    costs = ista_costs(trainer.model, (1, 8, 8))
+    if rule == "paper":
+        assert [g["cost"] for g in groups] == list(costs.values()) and all("budget_weight" not in g for g in groups)
+    else:
+        assert all(g["cost"] == 1.0 and g["budget_weight"] > 0 for g in groups)
+    with torch.no_grad():
+        first = trainer.model.channel_groups()[0].bn.weight
+        first[:6] = 0.0  # 6 of 8 channels of layer 0: far below an 80% MACs target
+    controller.freeze(trainer)
+    dead = dead_structures(trainer.model, "ista-bn").count_channels()
+    assert dead == 6 if rule == "paper" else dead < 6

@@ -1,9 +1,11 @@
 """Atomic files and resumable checkpoints.
 
 A checkpoint is a directory `checkpoints/epoch-NNNN/` holding `model.safetensors` (weights) and
-`state.pt` (optimizers, LR policy, callbacks, RNG, history; loaded with `weights_only=True`). It is
-written under a temporary name and renamed into place, then `checkpoints/latest` is replaced
-atomically, so a kill at any moment leaves either the old or the new checkpoint, never a mix.
+`state.pt` (optimizers, LR policy, callbacks, CPU and GPU generator states, history; loaded with
+`weights_only=True`). It is written under a temporary name and renamed into place, then
+`checkpoints/latest` is replaced atomically, so a kill at any moment leaves either the old or the new
+checkpoint, never a mix. Both files load onto the CPU and the trainer moves what it restores onto its
+own device, so a checkpoint written on a GPU resumes on a CPU and the other way round.
 """
 from __future__ import annotations
 

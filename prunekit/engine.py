@@ -116,6 +116,7 @@ class Trainer:
         return {"epoch": self.epoch, "optimizers": [o.state_dict() for o in self.optimizers],
                 "policy": self.policy.state_dict(), "callbacks": [c.state_dict() for c in self.callbacks],
                 "history": self.history, "scaler": self.scaler.state_dict(), "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "skipped_steps": self.skipped_steps}
 
     def load_state(self, state: dict) -> None:
@@ -129,6 +130,9 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
+        if torch.cuda.is_available():  # a checkpoint written on a CPU has no GPU states; a CPU ignores them
+            for index, rng in enumerate(state.get("cuda_rng", [])[:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(rng, index)
         self.epoch, self.skipped_steps = state["epoch"], state.get("skipped_steps", 0)
 
     def resume(self) -> bool:

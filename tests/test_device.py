@@ -6,16 +6,18 @@
 - No tensor is made on the wrong device: with the default device set to "meta", a tensor created
   without an explicit device cannot be combined with the model's, as a CPU tensor could not with a
   GPU model's.
+- Checkpoints carry every generator's state, and a resume restores it.
 """
 import sys
 import traceback
 
 import pytest
 import torch
-from test_engine import tiny_setup
+from test_engine import StopAt, tiny_setup
 from torch.overrides import TorchFunctionMode
 
-from prunekit.engine import autocast_dtype
+from prunekit.checkpoint import latest_checkpoint, load_checkpoint
+from prunekit.engine import Callback, autocast_dtype
 from prunekit.methods import METHODS
 
 EPOCH_READS = 1  # Trainer._read at the epoch end: loss sum, images seen, correct count and non-finite flag
@@ -137,6 +139,48 @@ def test_no_tensor_is_created_off_the_model_device(tmp_path, method):
         history = trainer.fit()
     assert len(history) == 2 and all(h["train_loss"] > 0 for h in history)
     assert all(p.device.type == "cpu" for p in trainer.model.parameters())
+
+
+class DrawEachEpoch(Callback):
+    """Draws from the global generator at each epoch's start, as dropout or random erasing would."""
+
+    def __init__(self):
+        self.draws = []
+
+    def on_epoch_start(self, trainer, epoch):
+        self.draws.append(torch.rand(4))
+
+
+def test_a_resumed_run_draws_the_same_random_numbers(tmp_path):
+    straight = DrawEachEpoch()
+    tiny_setup(tmp_path / "a", "none", callbacks=[straight]).fit()
+    with pytest.raises(KeyboardInterrupt):
+        tiny_setup(tmp_path / "b", "none", callbacks=[DrawEachEpoch(), StopAt(2)]).fit()
+    resumed = DrawEachEpoch()
+    trainer = tiny_setup(tmp_path / "b", "none", callbacks=[resumed])
+    torch.manual_seed(1234)  # another process: the generator is wherever it happens to be
+    trainer.fit(resume=True)
+    assert torch.equal(resumed.draws[0], straight.draws[2])
+
+
+def test_gpu_generator_states_are_saved_and_restored_on_the_gpus_a_machine_has(tmp_path, monkeypatch):
+    """Two GPUs' states are saved; a one-GPU machine restores the first; a CPU-only one ignores both."""
+    states = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3, 4], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state.tolist(), device)))
+    with pytest.raises(KeyboardInterrupt):
+        tiny_setup(tmp_path, "none", callbacks=[StopAt(1)]).fit()
+    saved = load_checkpoint(latest_checkpoint(tmp_path))[1]["cuda_rng"]
+    assert [s.tolist() for s in saved] == [[1, 2], [3, 4]]
+    with pytest.raises(KeyboardInterrupt):
+        tiny_setup(tmp_path, "none", callbacks=[StopAt(2)]).fit(resume=True)
+    assert restored == [([1, 2], 0)]
+    monkeypatch.undo()
+    trainer = tiny_setup(tmp_path, "none")
+    assert trainer.fit(resume=True)[-1]["epoch"] == 3 and restored == [([1, 2], 0)]
 
 
 def test_mixed_precision_is_bf16_without_loss_scaling_where_the_device_has_it(tmp_path, monkeypatch):

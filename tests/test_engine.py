@@ -9,6 +9,7 @@ import torch
 from prunekit.checkpoint import latest_checkpoint
 from prunekit.config import make_config
 from prunekit.data import ArrayDataset, BatchLoader
+from prunekit.distributed import DistContext
 from prunekit.engine import Callback, Trainer, TrainingError
 from prunekit.methods import build_method, gate_config, side_head_position
 from prunekit.models import build
@@ -20,8 +21,8 @@ TINY_CONVNET = ConvNetSpec([ConvLayerSpec(8), ConvLayerSpec(8, pool="max2")], nu
 TINY_RESNET = cifar_resnet_spec(8, num_classes=4, in_channels=1)  # ε-ResNet gates residual branches
 
 
-def tiny_setup(tmp_path, method="sss", epochs=3, callbacks=(), images=64, **overrides):
-    """A trainer of `method` on `images` learnable 8x8 images, 16 a batch."""
+def tiny_setup(tmp_path, method="sss", epochs=3, callbacks=(), images=64, device="cpu", **overrides):
+    """A trainer of `method` on `device` with `images` learnable 8x8 images, 16 a batch."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(images) % 4
@@ -33,11 +34,11 @@ def tiny_setup(tmp_path, method="sss", epochs=3, callbacks=(), images=64, **over
     spec = TINY_RESNET if method == "epsilon-resnet" else TINY_CONVNET
     model = build(spec, gate_config(method, config), side_head_position(spec) if method == "epsilon-resnet" else None)
     parts = build_method(model, config, (1, 8, 8))
-    train = BatchLoader(data, 16, train=True, mean=(0.2,), std=(0.3,), pad=1, flip=True, seed=0)
-    test = BatchLoader(data, 16, train=False, mean=(0.2,), std=(0.3,))
+    train = BatchLoader(data, 16, train=True, mean=(0.2,), std=(0.3,), pad=1, flip=True, seed=0, device=device)
+    test = BatchLoader(data, 16, train=False, mean=(0.2,), std=(0.3,), device=device)
     return Trainer(model, parts.optimizers, make_policy(config), train, {"test": test}, epochs=epochs,
                    run_dir=tmp_path, callbacks=list(parts.callbacks) + list(callbacks), amp=config.amp,
-                   on_nan=config.on_nan, log=lambda m: None)
+                   on_nan=config.on_nan, ctx=DistContext(device=torch.device(device)), log=lambda m: None)
 
 
 def test_training_lowers_the_loss(tmp_path):

@@ -36,12 +36,17 @@ def _is_mask(index) -> bool:
     return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
 
 
+def _line(frame: traceback.FrameSummary) -> str:
+    folder, name = frame.filename.rsplit("/", 2)[-2:]
+    return f"{folder}/{name}:{frame.lineno} ({frame.name})"
+
+
 def _where() -> str:
-    """The innermost line outside torch and this file, and the prunekit line that led to it."""
+    """The innermost line outside torch that made the call and, if elsewhere, the prunekit line that
+    led to it."""
     outside = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename]
     own = [f for f in outside if "/prunekit/" in f.filename]
-    line = lambda f: f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno} ({f.name})"
-    return line(outside[-1]) + (f" via {line(own[-1])}" if own and own[-1] is not outside[-1] else "")
+    return _line(outside[-1]) + (f" via {_line(own[-1])}" if own and own[-1] is not outside[-1] else "")
 
 
 class count_syncs(TorchFunctionMode):

@@ -1,4 +1,4 @@
-"""`prunekit` command line: train, eval, info, compress, finetune, scratch, report, export, run."""
+"""`prunekit` command line: train, eval, info, compress, finetune, scratch, stages, report, export, run."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +20,12 @@ OPTION_HELP = {
     "budget_rule": "with a target: exact (penalty per structure ∝ its cost, the freeze ranks |factor|/cost) or "
                    "paper (only the paper's knob is steered: γ, ρ with Ye's c_l, ε; what dies is the paper's rule, "
                    "a final freeze ranks by |factor|)",
+    "stage_penalties": "stages: ρ (the method's penalty) per stage; 0 fine-tunes",
+    "stage_epochs": "stages: epochs per stage",
+    "stage_lrs": "stages: learning rate per stage",
+    "weight_average": "ISTA: keep an exponential moving average of the weights with this decay (Ye et al.: "
+                      "0.999) and end training on it, dead channels chosen by the raw γ = 0",
+    "extra_data": "SVHN: train on train_32x32.mat + extra_32x32.mat (as ε-ResNet's authors)",
     "init": "start from the weights of a run (its final model) or a compressed export (give its spec as --model)",
     "epsilon_start_epoch": "ε-ResNet: ε is 0 before this epoch (the authors' CIFAR code: 150)",
 }
@@ -32,9 +38,10 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         if kind.startswith("bool"):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=OPTION_HELP.get(f.name))
         elif kind.startswith("list"):
-            parser.add_argument(flag, dest=f.name, type=float, nargs="*", default=None)
+            parser.add_argument(flag, dest=f.name, type=float, nargs="*", default=None, help=OPTION_HELP.get(f.name))
         elif kind.startswith("dict"):
             parser.add_argument(flag, dest=f.name, type=json.loads, default=None, help="JSON mapping")
         else:
@@ -120,6 +127,14 @@ def cmd_scratch(args) -> int:
     return 0
 
 
+def cmd_stages(args) -> int:
+    from .protocols import multi_stage
+
+    summary = multi_stage(_config(args), args.out, resume=args.resume, force=args.force)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import write_report
 
@@ -194,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "scratch":
             p.add_argument("--budget", choices=("E", "B"), default="E", help="same epochs (E) or same compute (B)")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("stages", help="multi-stage training (Ye et al.): one run and compressed version per "
+                                      "stage_penalties/stage_epochs/stage_lrs entry, each from the previous version")
+    _add_config_options(p)
+    p.add_argument("--out", required=True, help="directory for stage-N runs, version-N exports and summary.json")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_stages)
 
     p = sub.add_parser("report", help="Markdown table and PNG plots for pipeline or training runs")
     p.add_argument("paths", nargs="+")

@@ -24,6 +24,7 @@ class Config:
     data: str = "fashion-mnist"
     data_dir: str | None = None
     train_subset: int | None = None
+    extra_data: bool = False
     val_split: int = 0
     pad: int | None = None
     flip: bool | None = None
@@ -62,6 +63,10 @@ class Config:
     lr_restart_schedule: dict[str, float] | None = None
     prune_percent: float | None = None
     gamma_rescale: float = 1.0
+    weight_average: float = 0.0
+    stage_penalties: list[float] = field(default_factory=list)
+    stage_epochs: list[float] = field(default_factory=list)
+    stage_lrs: list[float] = field(default_factory=list)
     # budget
     target_macs: float | None = None
     target_params: float | None = None
@@ -143,6 +148,17 @@ def make_config(values: dict, source: str = "config") -> Config:
     if not structures or any(s not in SSS_STRUCTURES for s in structures) or len(set(structures)) < len(structures):
         raise ConfigError(f"{source}: sss_structures must join {', '.join(SSS_STRUCTURES)} with '+' "
                           f"(e.g. channels+blocks), got {config.sss_structures!r}")
+    stages = (config.stage_penalties, config.stage_epochs, config.stage_lrs)
+    if any(stages) and not (len(config.stage_penalties) == len(config.stage_epochs) == len(config.stage_lrs) > 0
+                            and all(e >= 1 and e == int(e) for e in config.stage_epochs)):
+        raise ConfigError(f"{source}: stage_penalties, stage_epochs (whole epochs ≥ 1) and stage_lrs need one "
+                          f"value per stage each, got {len(config.stage_penalties)}, {len(config.stage_epochs)} "
+                          f"and {len(config.stage_lrs)}")
+    if not 0 <= config.weight_average < 1:
+        raise ConfigError(f"{source}: weight_average must be in [0, 1) (0: off; Ye et al.: 0.999), "
+                          f"got {config.weight_average}")
+    if config.extra_data and config.data != "svhn":
+        raise ConfigError(f"{source}: extra_data: only SVHN has an extra split, not {config.data}")
     for key in ("epochs", "batch_size"):
         if getattr(config, key) < 1:
             raise ConfigError(f"{source}: {key} must be at least 1, got {getattr(config, key)}")

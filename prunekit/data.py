@@ -95,6 +95,11 @@ class ArrayDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def concat(self, other: ArrayDataset) -> ArrayDataset:
+        """This dataset followed by `other` (e.g. SVHN's train and extra splits)."""
+        return ArrayDataset(torch.cat([self.images, other.images]), torch.cat([self.labels, other.labels]),
+                            self.num_classes, self.name)
+
     def subset(self, n: int) -> ArrayDataset:
         """The first n samples, e.g. for quick smoke runs."""
         if not 0 < n <= len(self):
@@ -345,8 +350,8 @@ _IN_MEMORY_DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", 
 
 def load_dataset(name: str, root: str | Path | None = None, split: str = "train") -> ArrayDataset:
     """Read a whole dataset split from local files into memory; nothing is ever downloaded."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in ("train", "test", "extra") or (split == "extra" and name != "svhn"):
+        raise ValueError(f"split must be 'train' or 'test' (or SVHN's 'extra'), got {split!r} for {name}")
     if name not in _IN_MEMORY_DATASETS:
         hint = " (imagenet is streamed from disk: use make_loader)" if name == "imagenet" else ""
         raise DataError(f"unknown dataset {name!r}{hint} (known: {', '.join(_IN_MEMORY_DATASETS)})")

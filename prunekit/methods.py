@@ -105,8 +105,9 @@ def dead_structures(model: nn.Module, method: str, *, prune_percent: float | Non
         for g in model.channel_groups():
             dead.channels[g.name] = g.bn.weight.detach().abs() <= threshold
     elif method != "epsilon-resnet":
-        for g in model.channel_groups():
-            dead.channels[g.name] = channel_factor(g) == 0
+        for g in model.channel_groups():  # BN γ for ista-bn; SSS and binary gates only where channels are gated
+            if method == "ista-bn" or isinstance(g.gate, (ScaleGate, BinaryGate)):
+                dead.channels[g.name] = channel_factor(g) == 0
         for cg in getattr(model, "cardinality_groups", lambda: [])():
             if isinstance(cg.gate, ScaleGate):
                 dead.groups[cg.name] = cg.gate.weight.detach() == 0
@@ -224,6 +225,39 @@ class SlimmingPrune(Callback):
                     g.bn.weight.masked_fill_(dead.channels[g.name], 0.0)
 
 
+class WeightAverage(Callback):
+    """Ye et al.'s moving average of the trainable weights (TF's ExponentialMovingAverage(decay, step):
+    decay min(decay, (1+t)/(10+t)) at step t). Training ends on the averaged weights, before the last
+    evaluation, with γ = 0 wherever the raw γ is 0 (Ye et al. select dead channels by the raw γ), so
+    the evaluated and exported network is the averaged one and its cut stays exact."""
+
+    def __init__(self, decay: float):
+        self.decay, self.updates, self.shadow = decay, 0, None
+
+    def setup(self, trainer):
+        params = list(trainer.model.parameters())
+        self.shadow = ([p.detach().clone() for p in params] if self.shadow is None
+                       else [s.to(p.device) for s, p in zip(self.shadow, params, strict=True)])
+
+    @torch.no_grad()
+    def after_step(self, trainer):
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in trainer.model.parameters()], 1 - decay)
+        if trainer.epoch + 1 == trainer.epochs and trainer.step_in_epoch + 1 == len(trainer.train_loader):
+            raw_zero = [g.bn.weight == 0 for g in trainer.model.channel_groups()]
+            for p, s in zip(trainer.model.parameters(), self.shadow):
+                p.copy_(s)
+            for g, zero in zip(trainer.model.channel_groups(), raw_zero):
+                g.bn.weight.masked_fill_(zero, 0.0)
+
+    def state_dict(self):
+        return {"updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state):
+        self.updates, self.shadow = state["updates"], state["shadow"]
+
+
 class SideSupervision(Callback):
     """ε-ResNet: cross-entropy of the side classifier, weighted, added to the loss."""
 
@@ -320,6 +354,8 @@ def build_method(model: nn.Module, config, input_size: tuple[int, ...]) -> Metho
         callbacks.append(L1Subgradient(bn_weights, lambda: penalty_of(config)))
         if config.prune_percent is not None:
             callbacks.append(SlimmingPrune(lambda _: config.prune_percent))
+    if method == "ista-bn" and config.weight_average:
+        callbacks.append(WeightAverage(config.weight_average))
     if method == "epsilon-resnet":
         callbacks.append(SideSupervision(config.side_weight))
         callbacks.append(EpsilonSchedule(config.epsilon, config.epsilon_start_epoch))

@@ -2,8 +2,8 @@
 
 Scratch-E and scratch-B are the baselines of Liu et al. (ICLR 2019, "Rethinking the value of network
 pruning"): train the pruned spec from a fresh initialization for the original epochs (E) or for the
-original compute, epochs × FLOPs_base / FLOPs_pruned (B). Multi-stage ISTA is Ye et al.'s (ICLR 2018)
-warm-up → sparsify → fine-tune procedure, each stage exported as a numbered version.
+original compute, epochs × FLOPs_base / FLOPs_pruned (B). Multi-stage training is Ye et al.'s (ICLR 2018)
+warm-up → sparsify → fine-tune procedure, each stage compressed and exported as a numbered version.
 
 Scratch-B arithmetic: epochs become R(epochs·ratio) and each LR stage (the span between consecutive
 decays) R(span·ratio), with R truncation. With the MAC ratios of SSS's pruned ResNet-50s (spec_cost
@@ -21,7 +21,7 @@ import torch
 from . import spec as specs
 from .checkpoint import atomic_write_json
 from .compress import compress_run, load
-from .config import Config
+from .config import Config, ConfigError
 from .distributed import DistContext, pick_device
 from .engine import Trainer
 from .measure import spec_cost
@@ -145,29 +145,26 @@ def export_accuracy(export_dir: str | Path, config: Config) -> float:
     return evaluate_accuracy(load(export_dir), config)
 
 
-def multi_stage_ista(config: Config, out: str | Path, *, warmup_penalty: float = 0.001, penalty: float = 0.005,
-                     warmup_epochs: int, sparse_epochs: int, finetune_epochs: int, finetune_lr: float = 0.01,
-                     resume: bool = False, force: bool = False, log=None) -> dict:
-    """Ye et al.'s three ISTA stages, each trained in out/stage-N and exported as out/version-N.
-
-    1: warm-up with ρ = `warmup_penalty` for `warmup_epochs` (not the LR warm-up of Config);
-    2: ρ = `penalty` from version 1's weights; 3: ρ = 0 at `finetune_lr`. Returns params and test
-    accuracy per version (also written to out/summary.json).
-    """
+def multi_stage(config: Config, out: str | Path, *, resume: bool = False, force: bool = False, log=None) -> dict:
+    """Ye et al.'s multi-stage procedure: stage i trains `config.method` with ρ = stage_penalties[i] for
+    stage_epochs[i] epochs at LR stage_lrs[i] (ρ = 0: plain fine-tuning) in out/stage-i, from the previous
+    stage's compressed export, and is compressed into out/version-i. Returns params, MACs and test
+    accuracy per version (also written to out/summary.json)."""
     out = Path(out)
-    stages = [{"penalty": warmup_penalty, "epochs": warmup_epochs, "lr": config.lr},
-              {"penalty": penalty, "epochs": sparse_epochs, "lr": config.lr},
-              {"penalty": 0.0, "epochs": finetune_epochs, "lr": finetune_lr}]
-    summary, weights, stage_config = {}, None, config
-    for number, stage in enumerate(stages, start=1):
-        stage_config = dataclasses.replace(stage_config, method="ista-bn", **stage)
+    if not config.stage_penalties:
+        raise ConfigError("stage_penalties: a multi-stage run needs stage_penalties, stage_epochs and stage_lrs")
+    summary, stage_config, weights = {}, config, None
+    stages = zip(config.stage_penalties, config.stage_epochs, config.stage_lrs)
+    for number, (penalty, epochs, lr) in enumerate(stages, start=1):
+        stage_config = dataclasses.replace(stage_config, penalty=penalty, epochs=int(epochs), lr=lr,
+                                           stage_penalties=[], stage_epochs=[], stage_lrs=[])
         run_dir, version = out / f"stage-{number}", out / f"version-{number}"
         train(stage_config, run_dir, resume=resume, force=force, initial_weights=weights, log=log)
         card = compress_run(run_dir, version)
-        summary[version.name] = {"params": card["params_after"], "macs": card["macs_after"],
+        summary[version.name] = {"penalty": penalty, "params": card["params_after"], "macs": card["macs_after"],
                                  "test_acc": export_accuracy(version, stage_config)}
         # The next stage starts from this export; γ was already rescaled (if asked) in stage 1.
-        stage_config = dataclasses.replace(stage_config, model=str(_spec_path(version)), gamma_rescale=1.0)
+        stage_config = dataclasses.replace(stage_config, model=str(_spec_path(version)), gamma_rescale=1.0, init=None)
         weights = load(version).state_dict()
     atomic_write_json(out / "summary.json", summary)
     return summary

@@ -73,6 +73,8 @@ def make_loaders(config: Config, ctx: DistContext):
         return train, {"test": test}
     mean, std = DATASET_STATS[config.data]
     train_set = load_dataset(config.data, config.data_dir, "train")
+    if config.extra_data:
+        train_set = train_set.concat(load_dataset(config.data, config.data_dir, "extra"))
     if config.train_subset:
         train_set = train_set.subset(min(config.train_subset, len(train_set)))
     loaders = {}

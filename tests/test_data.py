@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from prunekit.config import ConfigError
 import torch
 from PIL import Image
 
@@ -309,6 +311,24 @@ def test_svhn_layout(tmp_path):
     assert ds.labels.tolist() == [0, 1, 9, 0]
     for n, c, row, col in [(0, 0, 0, 0), (1, 2, 5, 30), (3, 1, 31, 7)]:
         assert ds.images[n, c, row, col].item() == x[row, col, c, n]
+
+
+def test_svhn_extra_split_joins_the_training_set(tmp_path):
+    import scipy.io
+
+    from prunekit.config import make_config
+    from prunekit.distributed import DistContext
+    from prunekit.runner import make_loaders
+
+    rng = np.random.default_rng(4)
+    for split, n in (("train", 3), ("extra", 5), ("test", 2)):
+        scipy.io.savemat(tmp_path / f"{split}_32x32.mat", {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                                                          "y": np.full((n, 1), 1 + n, dtype=np.uint8)})
+    config = make_config({"data": "svhn", "data_dir": str(tmp_path), "extra_data": True, "batch_size": 1})
+    train, _ = make_loaders(config, DistContext())
+    assert len(train) == 8 and sorted(train.labels.tolist()) == [4] * 3 + [6] * 5
+    with pytest.raises(ConfigError, match="only SVHN has an extra split"):
+        make_config({"data": "cifar10", "extra_data": True})
 
 
 def test_svhn_missing_and_corrupt(tmp_path):

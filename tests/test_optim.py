@@ -178,3 +178,44 @@ def test_state_dict_round_trip_continues_bit_identically(make_optimizer):
 
     for resumed_param, straight_param in zip(resumed, straight):
         assert torch.equal(resumed_param, straight_param)
+
+
+def test_ista_cost_weights_of_resnet20_are_yes():
+    """Ye et al.'s c_l for the first conv of each CIFAR ResNet-20 block (their code's 'memory' cost, 32×32
+    input): (H·W + k²·C_in + C_next·k²) / 1024, e.g. 1312/1024 in stage 1; the fake sparsity of a dense
+    network with block 1's channels all at γ = 0 is 20.5 / 345."""
+    from prunekit.methods import ista_costs, sparsity_metrics
+    from prunekit.models import create
+
+    model = create("resnet20", gates=None)
+    costs = ista_costs(model, (3, 32, 32))
+    assert [round(c * 1024) for c in costs.values()] == [1312] * 3 + [688, 832, 832] + [928, 1216, 1216]
+    with torch.no_grad():
+        model.layer1[0].bn1.weight.zero_()
+    metrics = sparsity_metrics(model, "ista-bn", costs)
+    assert metrics["fake_sparsity"] == pytest.approx(20.5 / 345)
+    assert metrics["group_lasso"] == pytest.approx(345 - 20.5)
+
+
+def test_weight_average_follows_tensorflows_decay_and_ends_on_the_average():
+    """Decay 1/10 at step 0, 2/11 at step 1, then min(0.999, ...); at the last step the model takes the
+    average, with γ = 0 kept where the raw γ was 0."""
+    from types import SimpleNamespace
+
+    from prunekit.methods import WeightAverage
+    from prunekit.models import build
+    from prunekit.spec import ConvLayerSpec, ConvNetSpec
+
+    model = build(ConvNetSpec([ConvLayerSpec(2)], num_classes=2, in_channels=1))
+    bn = model.features[0].bn
+    trainer = SimpleNamespace(model=model, epoch=0, epochs=2, step_in_epoch=0, train_loader=[0, 0])
+    average = WeightAverage(0.999)
+    average.setup(trainer)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([3.0, 0.0]))
+    average.after_step(trainer)  # shadow = 0.1·1 + 0.9·[3, 0]
+    torch.testing.assert_close(average.shadow[1], torch.tensor([2.8, 0.1]))
+    trainer.epoch, trainer.step_in_epoch = 1, 1
+    average.after_step(trainer)  # last step: shadow = 2/11·[2.8, 0.1] + 9/11·[3, 0], then applied
+    torch.testing.assert_close(bn.weight.detach(), torch.tensor([2.8 * 2 / 11 + 27 / 11, 0.0]))
+    assert average.state_dict()["updates"] == 2

@@ -1,3 +1,4 @@
+import json
 """Retraining protocols: scratch-B arithmetic against the published schedules, and each protocol end to end."""
 import pytest
 
@@ -6,7 +7,7 @@ from prunekit.compress import compress_run, load
 from prunekit.config import make_config
 from prunekit.measure import count_params, spec_cost
 from prunekit.models import zoo_spec
-from prunekit.protocols import (finetune, macs_ratio, multi_stage_ista, scratch, scratch_b_config,
+from prunekit.protocols import (finetune, macs_ratio, multi_stage, scratch, scratch_b_config,
                                 scratch_b_schedule, scratch_e_config)
 from prunekit.runner import train
 
@@ -131,13 +132,16 @@ def test_scratch_b_budget_follows_the_macs_ratio(tiny, narrow_resnet, tmp_path):
     assert len(same["history"]) == 1
 
 
-def test_multi_stage_ista_exports_three_versions(tiny, tmp_path):
-    """Stage 2's large ρ zeroes γ within its few steps, so version 2 is smaller than version 1."""
-    summary = multi_stage_ista(tiny(), tmp_path, warmup_penalty=0.01, penalty=10.0,
-                               warmup_epochs=1, sparse_epochs=1, finetune_epochs=1, log=quiet)
+def test_multi_stage_exports_a_version_per_stage(tiny, tmp_path):
+    """Stage 2's large ρ zeroes γ within its few steps, so version 2 is smaller than version 1; stage 3 (ρ = 0)
+    fine-tunes version 2 at its own LR."""
+    config = tiny(method="ista-bn", stage_penalties=[0.01, 10.0, 0.0], stage_epochs=[1, 1, 1], stage_lrs=[0.1, 0.1, 0.01])
+    summary = multi_stage(config, tmp_path, log=quiet)
     assert list(summary) == ["version-1", "version-2", "version-3"]
     for name, row in summary.items():
         assert (tmp_path / name / "spec.json").exists() and (tmp_path / name / "model.safetensors").exists()
         assert row["params"] == count_params(load(tmp_path / name))
         assert 0.0 <= row["test_acc"] <= 1.0
     assert summary["version-3"]["params"] <= summary["version-2"]["params"] < summary["version-1"]["params"]
+    stage3 = json.loads((tmp_path / "stage-3" / "config.json").read_text())["config"]
+    assert (stage3["penalty"], stage3["lr"], stage3["epochs"]) == (0.0, 0.01, 1)

@@ -19,7 +19,7 @@ SSS_UNITS = {41: [(0, False), (4, True), (6, True), (3, True)],
 
 def test_there_is_a_recipe_per_experiment():
     names = {path.stem for path in RECIPES}
-    assert len(names) == 29
+    assert len(names) == 32
     assert {f"fmnist-{m}" for m in ("sss", "binary-gate", "ista-bn", "slimming", "epsilon-resnet", "none")} <= names
 
 
@@ -34,15 +34,15 @@ def test_recipe_is_a_valid_config_with_a_model_that_resolves(path, monkeypatch):
 
 
 @pytest.mark.parametrize("depth", sorted(SSS_UNITS))
-def test_sss_spec_is_resnet50_with_the_published_units(depth):
+def test_sss_spec_is_the_authors_preactivation_resnet50_with_the_published_units(depth):
     spec = S.load(ROOT / "recipes" / "specs" / f"resnet{depth}.json")
     assert S.count_layers(spec) == depth
-    assert spec == S.apply_units(zoo_spec("resnet50", num_classes=1000), SSS_UNITS[depth])
+    assert spec == S.apply_units(zoo_spec("imagenet-preresnet50", num_classes=1000), SSS_UNITS[depth])
 
 
 @pytest.mark.parametrize("depth", sorted(SSS_UNITS))
 def test_sss_scratch_recipes_use_the_scratch_budgets(depth):
-    base = zoo_spec("resnet50", num_classes=1000)
+    base = zoo_spec("imagenet-preresnet50", num_classes=1000)
     pruned = S.load(ROOT / "recipes" / "specs" / f"resnet{depth}.json")
     ratio = spec_cost(base, (224, 224)).macs / spec_cost(pruned, (224, 224)).macs
     recipes = {budget: make_config(load_recipe(ROOT / "recipes" / f"sss-resnet{depth}-scratch-{budget}-imagenet.yaml"))

@@ -77,8 +77,9 @@ def _emits_constant(group, removed: torch.Tensor) -> torch.Tensor:
     return removed & (group.bn.bias.detach() > 0)
 
 
-def _removed(group, keep: torch.Tensor) -> torch.Tensor:
-    removed = torch.ones(group.bn.num_features, dtype=torch.bool, device=group.bn.weight.device)
+def _removed(group, keep: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The mask of the group's channels not in `keep`."""
+    removed = torch.ones(group.bn.num_features, dtype=torch.bool, device=device)
     removed[keep] = False
     return removed
 
@@ -87,29 +88,43 @@ def channel_strength(group) -> torch.Tensor:
     return group.bn.weight.detach().abs()
 
 
-def _kept(mask: torch.Tensor | None, size: int, strength: torch.Tensor) -> torch.Tensor:
-    """Indices not in `mask`; the strongest one stays when the mask holds everything."""
-    mask = torch.zeros(size, dtype=torch.bool, device=strength.device) if mask is None else mask.to(strength.device).clone()
-    if mask.all():
-        mask[strength.argmax()] = False
-    return (~mask).nonzero().flatten()
+def _host_rows(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Equal-dtype device vectors brought to the host in one transfer (one device read, not one per row)."""
+    if not rows:
+        return []
+    flat = torch.cat([row.reshape(-1).float() for row in rows]).cpu()
+    return list(flat.split([row.numel() for row in rows]))
 
 
 def kept_channels(model: nn.Module, dead: DeadSet) -> dict[str, torch.Tensor]:
-    """Indices of the channels (and, for grouped blocks, the cardinality groups) compression keeps, by
-    structure name (read-only; no forward pass). At least one per structure is always kept."""
-    keep = {g.name: _kept(dead.channels.get(g.name), g.bn.num_features, channel_strength(g))
-            for g in model.channel_groups()}
+    """Indices (on the host) of the channels, and for grouped blocks the cardinality groups, that
+    compression keeps, by structure name; at least one per structure, the strongest, is always kept.
+    Read-only, no forward pass, one device read (the budget controller projects costs with it)."""
+    structures = [(g.name, dead.channels.get(g.name), channel_strength(g)) for g in model.channel_groups()]
     for cg in _cardinality_groups(model):
-        strength = cg.gate.weight.detach().abs() if isinstance(cg.gate, ScaleGate) else torch.ones(cg.count)
-        keep[cg.name] = _kept(dead.groups.get(cg.name), cg.count, strength)
+        strength = cg.gate.weight.detach().abs() if isinstance(cg.gate, ScaleGate) else cg.block.bn1.weight.new_ones(cg.count)
+        structures.append((cg.name, dead.groups.get(cg.name), strength))
+    rows = []
+    for _, mask, strength in structures:
+        rows += [strength if mask is None else mask.to(strength.device).float(), strength]
+    host = _host_rows(rows)
+    keep = {}
+    for (name, mask, _), dead_row, strength in zip(structures, host[0::2], host[1::2]):
+        removed = dead_row > 0.5 if mask is not None else torch.zeros(len(strength), dtype=torch.bool)
+        if removed.all():
+            removed[strength.argmax()] = False
+        keep[name] = (~removed).nonzero().flatten()
     return keep
 
 
 def _stencil_owners(model: nn.Module, keep: dict[str, torch.Tensor]) -> set[int]:
-    """ids of the modules (blocks, conv layers) whose consumer convs need a ConstantInputBias."""
-    return {id(g.consumer_stencil[0]) for g in model.channel_groups()
-            if g.consumer_stencil is not None and bool(_emits_constant(g, _removed(g, keep[g.name])).any())}
+    """ids of the modules (blocks, conv layers) whose consumer convs need a ConstantInputBias: those
+    reading a removed BN-γ channel with β > 0 (one device read for all groups)."""
+    groups = [g for g in model.channel_groups()
+              if g.consumer_stencil is not None and not isinstance(g.gate, (ScaleGate, BinaryGate))]
+    positive = _host_rows([g.bn.bias.detach() > 0 for g in groups])
+    return {id(g.consumer_stencil[0]) for g, pos in zip(groups, positive)
+            if bool((pos[_removed(g, keep[g.name])] > 0.5).any())}
 
 
 def pruned_spec(model: nn.Module, spec: specs.Spec, dead: DeadSet, keep: dict[str, torch.Tensor]) -> specs.Spec:
@@ -160,7 +175,7 @@ def _fold_constants(model: nn.Module, keep: dict[str, torch.Tensor]) -> None:
     """Add the constant relu(β) output of removed channels to what reads it (exact when their γ is 0)."""
     with torch.no_grad():
         for g in model.channel_groups():
-            constant = _emits_constant(g, _removed(g, keep[g.name]))
+            constant = _emits_constant(g, _removed(g, keep[g.name], g.bn.weight.device))
             if not constant.any():
                 continue
             value = torch.where(constant, F.relu(g.bn.bias.detach()), torch.zeros_like(g.bn.bias))

@@ -544,19 +544,21 @@ def mutations(draw, bases: list, keys: list[str]):
         for key in path[:-1]:
             parent = parent[key]
         action = draw(st.sampled_from(["replace", "delete", "add"]))
-        if action == "replace":
-            parent[path[-1]] = draw(JSON_VALUES)
+        if action == "replace":  # copies: EXTREME_VALUES holds lists that later mutations would edit
+            parent[path[-1]] = copy.deepcopy(draw(JSON_VALUES))
         elif action == "delete":
             del parent[path[-1]]
         elif isinstance(parent, dict):
-            parent[draw(st.sampled_from(keys) | st.text(max_size=6))] = draw(JSON_VALUES)
+            parent[draw(st.sampled_from(keys) | st.text(max_size=6))] = copy.deepcopy(draw(JSON_VALUES))
     return value
 
 
 VALID_SPECS = [TINY_SPEC, OTHER_SPEC, specs.to_dict(specs.cifar_resnet_spec(20, bottleneck=True)),
+               specs.to_dict(specs.cifar_resnext_spec(11, 2, 2)),
                specs.to_dict(specs.cnn4_spec())]
 SPEC_KEYS = ["family", "block", "stem", "stages", "inner", "out", "stride", "shortcut", "layers", "width",
-             "kernel", "padding", "pool", "num_classes", "in_channels", "preact", "imagenet_stem"]
+             "kernel", "padding", "pool", "num_classes", "in_channels", "preact", "imagenet_stem", "groups",
+             "stencil"]
 RECIPES = [yaml.safe_load(p.read_text()) for p in sorted(Path(prunekit.__file__).parents[1].glob("recipes/*.yaml"))]
 CONFIG_KEYS = [f.name for f in fields(Config)]
 

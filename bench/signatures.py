@@ -25,7 +25,7 @@ RUNS = {
                      "--lr-schedule", '{"0": 0.1, "6": 0.01, "9": 0.001}',
                      "--lr-restart-schedule", '{"0": 0.1, "3": 0.01, "5": 0.001}',
                      "--no-nesterov", "--weight-decay", "2e-4"],
-    "sss-blocks": COMMON + ["--method", "sss", "--sss-structures", "blocks", "--penalty", "0.02", "--epochs", "10"],
+    "sss-blocks": COMMON + ["--method", "sss", "--sss-structures", "blocks", "--penalty", "0.05", "--epochs", "10"],
     "sss-resnext": COMMON + ["--model", "recipes/specs/resnext29-4x4d-narrow.json", "--method", "sss",
                              "--sss-structures", "groups+blocks", "--penalty", "0.01", "--epochs", "8", "--train-subset", "10000"],
 }

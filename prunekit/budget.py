@@ -138,6 +138,7 @@ class BudgetController(Callback):
         self.dense = getattr(spec_cost(spec, input_hw), metric)
         self.frozen = False
         self.fixed: list = []
+        self.restored_fixed = None
         self.projected = None
 
     # --- helpers -----------------------------------------------------------------------------
@@ -160,13 +161,15 @@ class BudgetController(Callback):
         for opt in trainer.optimizers[1:]:
             for group in opt.param_groups:
                 key = owners.get(id(group["params"][0]))
-                if key is not None and self.rule == "exact":
+                if key is not None and self.rule == "exact" and "budget_weight" not in group:  # resumed: restored
                     group["budget_weight"] = weights[key]
                     if "cost" in group:
                         group["cost"] = 1.0
-        if self.frozen:
-            self._fix(trainer.model, [(t, i) for _, _, i, t in _structures(trainer.model)
-                                      if float(t.view(-1)[i]) == 0 or _binary_off(trainer.model, t, i)])
+        if self.restored_fixed is not None:  # the freeze's masks and floors, as checkpointed
+            tensors = list({id(t): t for _, _, _, t in _structures(trainer.model)}.values())
+            self.fixed = [(t, mask.to(t.device), floor, binary)
+                          for t, (mask, floor, binary) in zip(tensors, self.restored_fixed, strict=True)]
+            self.restored_fixed = None
         self._set_penalty(trainer, 0.0 if self.frozen else self.penalty)
 
     # --- control -----------------------------------------------------------------------------
@@ -261,10 +264,12 @@ class BudgetController(Callback):
                 "budget_frozen": self.frozen}
 
     def state_dict(self):
-        return {"penalty": self.penalty, "frozen": self.frozen}
+        return {"penalty": self.penalty, "frozen": self.frozen,
+                "fixed": [(mask.cpu(), floor, binary) for _, mask, floor, binary in self.fixed]}
 
     def load_state_dict(self, state):
         self.penalty, self.frozen = state["penalty"], state["frozen"]
+        self.restored_fixed = state["fixed"] if self.frozen else None
 
 
 class EpsilonBudget(Callback):

@@ -115,3 +115,28 @@ def test_paper_rule_keeps_yes_cost_weights_and_what_the_rule_killed(tmp_path, ru
     controller.freeze(trainer)
     dead = dead_structures(trainer.model, "ista-bn").count_channels()
     assert dead == 6 if rule == "paper" else dead < 6
+
+
+@pytest.mark.parametrize("method, stop_at", [("sss", 3), ("ista-bn", 1), ("ista-bn", 3), ("binary-gate", 3)])
+def test_budgeted_run_resumed_before_or_after_its_freeze_ends_with_identical_weights(tmp_path, method, stop_at):
+    """The optimizer groups' budget weights and the freeze's masks and floors come back from the
+    checkpoint; they are not recomputed from the resumed weights (which changed the run before)."""
+    from test_engine import StopAt
+
+    def budgeted(run_dir, *stop):
+        trainer = tiny_setup(run_dir, method, epochs=5, penalty=0.05)
+        config = make_config({"method": method, "target_macs": 0.5, "penalty": 0.05})
+        (controller,) = budget_callbacks(trainer.model, trainer.model.spec, config, (1, 8, 8))
+        controller.check_every = 1
+        trainer.callbacks += [controller, *stop]
+        return trainer
+
+    straight = budgeted(tmp_path / "a")
+    history = straight.fit()
+    assert history[stop_at - 1]["budget_frozen"] == (stop_at == 3)  # the freeze falls in epoch 2 or 3
+    with pytest.raises(KeyboardInterrupt):
+        budgeted(tmp_path / "b", StopAt(stop_at)).fit()
+    resumed = budgeted(tmp_path / "b")
+    resumed.fit(resume=True)
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -91,3 +91,35 @@ def test_scale_gate_multiplies_channels():
         gate.weight.copy_(torch.tensor([0.0, 2.0, -1.0]))
     x = torch.ones(2, 3, 1, 1)
     assert gate(x)[:, :, 0, 0].tolist() == [[0.0, 2.0, -1.0]] * 2
+
+
+def test_side_head_sits_where_the_authors_put_it():
+    """CIFAR: stage 2 after block n//2 (n = 18: res2.9); ImageNet: stage 3 after block
+    sum(blocks)//2 − (stages 1–2) − 1 (ResNet-101: 8, ResNet-152: 13)."""
+    from prunekit.methods import side_head_position
+    from prunekit.models import zoo_spec
+
+    assert side_head_position(zoo_spec("preresnet110")) == (1, 9)
+    assert side_head_position(zoo_spec("preresnet164")) == (1, 9)
+    assert side_head_position(zoo_spec("preresnet20")) == (1, 1)
+    assert side_head_position(zoo_spec("imagenet-preresnet101")) == (2, 8)
+    assert side_head_position(zoo_spec("imagenet-preresnet152")) == (2, 13)
+
+
+def test_epsilon_resnet_decays_conv_and_fc_weights_only():
+    """The authors' regularize_cost('.*/W'): conv and FC weights (the side head's too), never BN γ/β or biases."""
+    from prunekit.config import make_config
+    from prunekit.methods import build_method, gate_config, side_head_position
+    from prunekit.models import build
+    from prunekit.spec import cifar_resnet_spec
+
+    spec = cifar_resnet_spec(8, preact=True, shortcut="pad")
+    config = make_config({"method": "epsilon-resnet", "weight_decay": 2e-4})
+    model = build(spec, gate_config("epsilon-resnet", config), side_head_position(spec))
+    decayed, undecayed = build_method(model, config, (3, 8, 8)).optimizers[0].param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decayed["weight_decay"] == 2e-4 and undecayed["weight_decay"] == 0.0
+    assert sorted(names[id(p)] for p in decayed["params"]) == sorted(
+        n for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1)
+    assert "side_head.4.weight" in {names[id(p)] for p in decayed["params"]}
+    assert all(p.dim() == 1 for p in undecayed["params"])

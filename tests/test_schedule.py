@@ -45,3 +45,19 @@ def test_make_policy_uses_config():
                           "lr_restart_schedule": {"0": 0.1, "10": 0.01}})
     policy = make_policy(config)
     assert isinstance(policy, AdaptiveRestartPolicy) and policy.lr_at(25) == 0.01
+
+
+def test_restart_watches_the_moving_average_count_and_a_rise_of_one():
+    """The authors' LearningRateSetter reads the logged moving average of discarded_cnt: [3.0, 4.0] restarts,
+    [3.0, 3.99] does not, nor does a fall [4.0, 3.0]; the authors' SVHN schedule after a restart at epoch 60
+    (1-based 61–70 at 0.1, 71 at 0.01, 75 at 0.001, 86 at 1e-4)."""
+    for counts, restarts in (([3.0, 4.0], [2]), ([3.0, 3.99], []), ([4.0, 3.0], [])):
+        policy = AdaptiveRestartPolicy(CIFAR, RESTART, epochs=400)
+        for epoch, count in enumerate(counts):
+            policy.on_epoch_end(epoch, {"discarded_blocks": count})
+        assert policy.restarts == restarts
+    svhn = AdaptiveRestartPolicy({1: 0.1, 20: 0.01, 28: 0.001, 50: 1e-4}, {1: 0.1, 10: 0.01, 14: 0.001, 25: 1e-4}, 200)
+    assert [svhn.lr_at(e) for e in (19, 20, 28, 50)] == [0.1, 0.01, 0.001, 1e-4]  # 1-based epochs 20, 21, 29, 51
+    svhn.on_epoch_end(58, {"discarded_blocks": 0.0})
+    svhn.on_epoch_end(59, {"discarded_blocks": 1.0})  # the end of 1-based epoch 60
+    assert [svhn.lr_at(e) for e in (60, 69, 70, 74, 85)] == [0.1, 0.1, 0.01, 0.001, 1e-4]

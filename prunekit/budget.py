@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import spec as specs
-from .compress import kept_channels, pruned_spec
+from .compress import host_rows, kept_channels, pruned_spec
 from .config import ConfigError
 from .engine import Callback
 from .gates import BinaryGate, EpsilonGate, ScaleGate
@@ -111,27 +111,13 @@ def cost_weights(model: nn.Module, spec: specs.Spec, input_hw, metric: str = "ma
     return {k: max(v, 1) / mean for k, v in weights.items()}
 
 
-def _paper_dead(model, structure) -> bool:
-    """Whether the method's own rule has removed this structure: factor exactly 0, or a binary gate off."""
-    _, _, index, tensor = structure
-    return float(tensor.view(-1)[index]) == 0 or _binary_off(model, tensor, index)
-
-
-def _binary_off(model, tensor, index) -> bool:
-    """Whether a binary gate's float value is below its threshold (the gate reads 0)."""
-    for m in model.modules():
-        if isinstance(m, BinaryGate) and m.weight is tensor:
-            return float(tensor.view(-1)[index]) < m.threshold
-    return False
-
-
 class BudgetController(Callback):
     """Steers a proximal method's penalty to a MACs/params target, then freezes the dead set."""
 
     def __init__(self, spec, method: str, input_hw, target: int, metric: str, reach_fraction: float,
                  penalty: float, check_every: int = 20, gain: float = 8.0, margin: float = 0.005,
-                 bound: float = 100.0, rule: str = "exact"):
-        self.spec, self.method, self.input_hw, self.rule = spec, method, input_hw, rule
+                 bound: float = 100.0, rule: str = "exact", tail: int = 64):
+        self.spec, self.method, self.input_hw, self.rule, self.tail = spec, method, input_hw, rule, tail
         self.target, self.metric, self.reach_fraction = target, metric, reach_fraction
         self.penalty, self.check_every, self.gain, self.margin = penalty, check_every, gain, margin
         self.limits = (penalty / bound, penalty * bound)
@@ -195,14 +181,30 @@ class BudgetController(Callback):
     def freeze(self, trainer) -> None:
         """Choose the dead set that meets the target, zero it, and stop the penalty. `exact` ranks every
         structure by |factor| / cost weight; `paper` keeps what the paper's rule killed (factor 0, or a
-        binary gate off) and, if the target is not met yet, adds structures by ascending |factor|."""
+        binary gate off) and, if the target is not met yet, adds structures by ascending |factor|.
+
+        The factors are read from the device once. The cost of removing a ranked prefix only falls as
+        the prefix grows, so the shortest prefix that meets the target is found by bisection; if its
+        last structure overshoots by more than the margin, it stays and up to `tail` later ones that
+        fit are taken instead (ResNet-50: about 20 cost projections instead of one per channel)."""
         model = trainer.model
-        weights = cost_weights(model, self.spec, self.input_hw, self.metric)
+        structures = list(_structures(model))
+        tensors = list({id(t): t for *_, t in structures}.values())
+        values = dict(zip(map(id, tensors), host_rows([t.detach() for t in tensors])))
+        thresholds = {id(m.weight): m.threshold for m in model.modules() if isinstance(m, BinaryGate)}
+
+        def value(c):
+            return float(values[id(c[3])][c[2]])
+
+        def removed_by_paper(c):
+            return value(c) == 0 or value(c) < thresholds.get(id(c[3]), -math.inf)
+
         if self.rule == "paper":
-            candidates = sorted(_structures(model), key=lambda c: (not _paper_dead(model, c), float(c[3].detach().view(-1)[c[2]].abs())))
+            forced = [c for c in structures if removed_by_paper(c)]
+            ranked = sorted((c for c in structures if not removed_by_paper(c)), key=lambda c: abs(value(c)))
         else:
-            candidates = sorted(_structures(model),
-                                key=lambda c: float(c[3].detach().view(-1)[c[2]].abs()) / weights[c[1]])
+            weights = cost_weights(model, self.spec, self.input_hw, self.metric)
+            forced, ranked = [], sorted(structures, key=lambda c: abs(value(c)) / weights[c[1]])
 
         def cost_of(chosen):
             dead = DeadSet({g.name: torch.zeros(g.bn.num_features, dtype=torch.bool) for g in model.channel_groups()},
@@ -217,16 +219,28 @@ class BudgetController(Callback):
                     dead.blocks.add(key)
             return getattr(spec_cost(projected_spec(model, self.spec, dead), self.input_hw), self.metric)
 
-        chosen, cost = [], self.dense
-        for candidate in candidates:
-            removed_by_paper = self.rule == "paper" and _paper_dead(model, candidate)  # stays removed, wherever that lands
-            if cost <= self.target and not removed_by_paper:
-                break
-            trial = cost_of(chosen + [candidate])
-            if trial < self.target - self.margin * self.dense and not removed_by_paper:
-                continue  # removing it would overshoot the target: it stays
-            chosen.append(candidate)
-            cost = trial
+        low, high = 0, len(ranked)  # cost_of(forced + ranked[:high]) is the cheapest reachable
+        if cost_of(forced) > self.target:
+            while high - low > 1:
+                middle = (low + high) // 2
+                if cost_of(forced + ranked[:middle]) <= self.target:
+                    high = middle
+                else:
+                    low = middle
+        else:
+            high = 0
+        chosen = forced + ranked[:high]
+        cost = cost_of(chosen)
+        if high and cost < self.target - self.margin * self.dense:  # its last structure overshoots
+            chosen, cost = chosen[:-1], cost_of(chosen[:-1])
+            for candidate in ranked[high:high + self.tail]:
+                trial = cost_of(chosen + [candidate])
+                if trial < self.target - self.margin * self.dense:
+                    continue  # removing it would overshoot the target: it stays
+                chosen.append(candidate)
+                cost = trial
+                if cost <= self.target:
+                    break
         self._fix(model, [(t, i) for _, _, i, t in chosen])
         self.frozen = True
         self._set_penalty(trainer, 0.0)

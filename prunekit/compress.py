@@ -88,7 +88,7 @@ def channel_strength(group) -> torch.Tensor:
     return group.bn.weight.detach().abs()
 
 
-def _host_rows(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+def host_rows(rows: list[torch.Tensor]) -> list[torch.Tensor]:
     """Equal-dtype device vectors brought to the host in one transfer (one device read, not one per row)."""
     if not rows:
         return []
@@ -107,7 +107,7 @@ def kept_channels(model: nn.Module, dead: DeadSet) -> dict[str, torch.Tensor]:
     rows = []
     for _, mask, strength in structures:
         rows += [strength if mask is None else mask.to(strength.device).float(), strength]
-    host = _host_rows(rows)
+    host = host_rows(rows)
     keep = {}
     for (name, mask, _), dead_row, strength in zip(structures, host[0::2], host[1::2]):
         removed = dead_row > 0.5 if mask is not None else torch.zeros(len(strength), dtype=torch.bool)
@@ -122,7 +122,7 @@ def _stencil_owners(model: nn.Module, keep: dict[str, torch.Tensor]) -> set[int]
     reading a removed BN-γ channel with β > 0 (one device read for all groups)."""
     groups = [g for g in model.channel_groups()
               if g.consumer_stencil is not None and not isinstance(g.gate, (ScaleGate, BinaryGate))]
-    positive = _host_rows([g.bn.bias.detach() > 0 for g in groups])
+    positive = host_rows([g.bn.bias.detach() > 0 for g in groups])
     return {id(g.consumer_stencil[0]) for g, pos in zip(groups, positive)
             if bool((pos[_removed(g, keep[g.name])] > 0.5).any())}
 

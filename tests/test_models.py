@@ -66,3 +66,29 @@ def test_spec_cost_matches_hook_counts_and_torch_flop_counter(name, size):
 
 def test_resnet20_parameter_count():
     assert count_params(create("resnet20", shortcut="pad")) == 269_722
+
+
+@pytest.mark.parametrize("name, weights", [("resnet18", {}), ("resnet50", {"num_classes": 7}),
+                                           ("resnext50_32x4d", {}), ("wide_resnet50_2", {})])
+def test_from_torchvision_gives_the_spec_and_equal_outputs(name, weights):
+    from prunekit.models.imports import from_torchvision
+
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, name)(**weights).eval()
+    ours, spec = from_torchvision(reference)
+    assert spec == zoo_spec(name, num_classes=weights.get("num_classes", 1000))
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=0)
+
+
+def test_an_unsupported_module_is_one_line_naming_what_cannot_be_represented():
+    from prunekit.models.imports import from_torchvision
+    from prunekit.spec import SpecError
+
+    with pytest.raises(SpecError, match="^from_torchvision: MobileNetV2: only torchvision's ResNet family"):
+        from_torchvision(torchvision.models.mobilenet_v2())
+    odd = torchvision.models.resnet18()
+    odd.layer2[1].conv2 = torch.nn.Conv2d(128, 128, 3, padding=2, dilation=2, bias=False)
+    with pytest.raises(SpecError, match=r"^from_torchvision: layer2\.1\.conv2: expected a bias-free 3x3 conv") as error:
+        from_torchvision(odd)
+    assert "\n" not in str(error.value)

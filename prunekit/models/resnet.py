@@ -171,22 +171,24 @@ class ResNet(nn.Module):
         if spec.imagenet_stem:
             self.maxpool = nn.MaxPool2d(3, 2, 1)
         width, self.side_at, self.side_logits = spec.stem, side_head, None
+        side_width = None
         for s, stage in enumerate(spec.stages):
             blocks = []
             for b, block in enumerate(stage):
                 blocks.append(ResidualBlock(width, block, spec.block, spec.preact, gates))
                 width = block.out
-                if side_head == (s, b):
-                    self.side_head = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                                                   nn.Flatten(), nn.Linear(width, spec.num_classes))
+                side_width = width if side_head == (s, b) else side_width
             setattr(self, f"layer{s + 1}", nn.Sequential(*blocks))
-        if side_head is not None and not hasattr(self, "side_head"):
+        if side_head is not None and side_width is None:
             raise ValueError(f"side_head {side_head}: no such block in the spec")
         if spec.preact:
             self.final_bn = nn.BatchNorm2d(width)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(width, spec.num_classes)
         _init_weights(self)
+        if side_head is not None:  # made last: the network's own weights are drawn as without it
+            self.side_head = nn.Sequential(nn.BatchNorm2d(side_width), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                           nn.Flatten(), nn.Linear(side_width, spec.num_classes))
 
     @property
     def stages(self) -> list[nn.Sequential]:

@@ -1,8 +1,9 @@
 """Reports across runs: the Markdown comparison table and PNG plots (written without a display).
 
-Plots: train/test error and learning rate per epoch (ε-ResNet restarts show in the LR curve),
-alive channels and blocks over time, the final gate (or BN γ) value histogram, and accuracy against
-MACs across pipeline runs.
+Plots: train/test error and learning rate per epoch (one colour per run; ε-ResNet's restarts marked),
+alive channels and blocks over time, each method's own sparsity measure per epoch (ε's averaged
+discard count, dead blocks and groups, ISTA's fake sparsity), kept/original widths and blocks of
+every compressed run, the budget, the final gate (or BN γ) histogram, and accuracy against MACs.
 """
 from __future__ import annotations
 
@@ -31,21 +32,94 @@ def _training_runs(directory: Path) -> list[Path]:
     return [p for p in sorted(directory.iterdir()) if (p / "metrics.jsonl").exists()]
 
 
+def _label(run: Path) -> str:
+    return f"{run.parent.name}/{run.name}"
+
+
+def _colours(runs: list[Path]) -> dict[Path, str]:
+    """One colour per run, the same in every plot."""
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {run: cycle[i % len(cycle)] for i, run in enumerate(runs)}
+
+
 def plot_curves(runs: list[Path], out: Path) -> Path:
-    """Train/test error and LR per epoch for every training run."""
+    """Train (dashed) and test (solid) error and the LR per epoch, one colour per run; markers so that
+    one-epoch runs show; vertical lines at ε-ResNet's LR restarts (the discarded count rose)."""
     fig, (err, lr) = plt.subplots(1, 2, figsize=(11, 4))
+    colours = _colours(runs)
     for run in runs:
         metrics = read_metrics(run)
         epochs = [m["epoch"] for m in metrics]
-        label = f"{run.parent.name}/{run.name}"
-        err.plot(epochs, [1 - m["train_acc"] for m in metrics], "--", label=f"{label} train")
-        err.plot(epochs, [1 - m["test_acc"] for m in metrics], label=f"{label} test")
-        lr.plot(epochs, [m["lr"] for m in metrics], marker=".", label=label)
-    err.set(xlabel="epoch", ylabel="error", title="error")
-    lr.set(xlabel="epoch", ylabel="learning rate (end of epoch)", title="learning rate", yscale="log")
+        colour = colours[run]
+        err.plot(epochs, [1 - m["train_acc"] for m in metrics], "--", marker=".", color=colour)
+        err.plot(epochs, [1 - m["test_acc"] for m in metrics], marker="o", color=colour, label=_label(run))
+        lr.plot(epochs, [m["lr"] for m in metrics], marker="o", color=colour, label=_label(run))
+        counts = [m.get("discarded_blocks") for m in metrics]
+        for epoch, before, after in zip(epochs[1:], counts, counts[1:]):
+            if before is not None and after - before >= 1:
+                lr.axvline(epoch, color=colour, ls=":", lw=0.8)
+    err.set(xlabel="epoch", ylabel="error", title="error (dashed: train, solid: test)")
+    lr.set(xlabel="epoch", ylabel="learning rate (end of epoch)", title="learning rate (dotted: ε-ResNet restart)",
+           yscale="log")
     err.legend(fontsize=7)
     lr.legend(fontsize=7)
     return _save(fig, out / "curves.png")
+
+
+SIGNATURES = {"discarded_blocks": "ε-ResNet: averaged discarded count", "dead_blocks": "dead residual blocks",
+              "dead_groups": "dead ResNeXt groups", "fake_sparsity": "ISTA fake sparsity (cost-weighted)",
+              "dead_channels": "dead channels"}
+
+
+def plot_signatures(runs: list[Path], out: Path) -> Path | None:
+    """Each method's own sparsity measure per epoch, one panel per measure, one colour per run."""
+    series = {key: [(run, read_metrics(run)) for run in runs
+                    if any(m.get(key) for m in read_metrics(run))] for key in SIGNATURES}
+    series = {key: value for key, value in series.items() if value}
+    if not series:
+        return None
+    colours = _colours(runs)
+    fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.8), squeeze=False)
+    for ax, (key, items) in zip(axes[0], series.items()):
+        for run, metrics in items:
+            ax.plot([m["epoch"] for m in metrics], [m.get(key, 0) for m in metrics], marker="o",
+                    color=colours[run], label=_label(run))
+        ax.set(xlabel="epoch", title=SIGNATURES[key])
+        ax.legend(fontsize=6)
+    return _save(fig, out / "signatures.png")
+
+
+def plot_kept(runs: list[Path], out: Path) -> Path | None:
+    """Kept / original inner width of every residual block (or layer) and blocks kept per stage, for
+    each compressed run (RUN/compressed against RUN/final)."""
+    from . import spec as specs
+
+    pairs = [(run, specs.load(run / "final" / "spec.json"), specs.load(run / "compressed" / "spec.json"))
+             for run in runs if (run / "compressed" / "spec.json").exists() and (run / "final" / "spec.json").exists()]
+    if not pairs:
+        return None
+    colours = _colours(runs)
+    fig, (widths, blocks) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 1]})
+    bar = 0.8 / len(pairs)
+    for i, (run, before, after) in enumerate(pairs):
+        if isinstance(before, specs.ConvNetSpec):
+            kept, stage_kept = [a.width / b.width for a, b in zip(after.layers, before.layers)], []
+        else:  # surviving branches of each stage, in order, against the stage's original branch width
+            kept, stage_kept = [], []
+            for stage_before, stage_after in zip(before.stages, after.stages):
+                original = [b for b in stage_before if b.has_branch]
+                survivors = [b for b in stage_after if b.has_branch]
+                kept += [sum(b.inner) / sum(original[0].inner) for b in survivors]
+                stage_kept.append(len(survivors) / max(len(original), 1))
+        widths.bar([x + i * bar for x in range(len(kept))], kept, bar, color=colours[run], label=_label(run))
+        if stage_kept:
+            blocks.bar([x + i * bar for x in range(len(stage_kept))], stage_kept, bar, color=colours[run])
+    widths.set(xlabel="surviving residual branch, stage by stage (or layer)", ylabel="kept / original inner width",
+               ylim=(0, 1.05),
+               title="inner widths kept")
+    blocks.set(xlabel="stage", ylabel="blocks kept / original", ylim=(0, 1.05), title="residual blocks kept")
+    widths.legend(fontsize=7)
+    return _save(fig, out / "kept.png")
 
 
 def plot_structure(runs: list[Path], out: Path) -> Path | None:
@@ -58,10 +132,12 @@ def plot_structure(runs: list[Path], out: Path) -> Path | None:
     for run, metrics in series:
         epochs = [m["epoch"] for m in metrics]
         for layer in range(len(metrics[0]["alive_channels"])):
-            channels.plot(epochs, [m["alive_channels"][layer] for m in metrics], label=f"group {layer}")
+            channels.plot(epochs, [m["alive_channels"][layer] for m in metrics], marker=".",
+                          label=f"{_label(run)} group {layer}")
         if "alive_blocks" in metrics[0]:
             for stage in range(len(metrics[0]["alive_blocks"])):
-                blocks.plot(epochs, [m["alive_blocks"][stage] for m in metrics], marker="o", label=f"stage {stage}")
+                blocks.plot(epochs, [m["alive_blocks"][stage] for m in metrics], marker="o",
+                            label=f"{_label(run)} stage {stage}")
     channels.set(xlabel="epoch", ylabel="alive channels", title="channels per group")
     blocks.set(xlabel="epoch", ylabel="alive blocks", title="residual blocks per stage")
     channels.legend(fontsize=6, ncol=2)
@@ -140,7 +216,8 @@ def write_report(directories: list[str | Path], out: str | Path) -> Path:
     if rows:
         lines += [report_table(rows), f"![accuracy vs MACs]({plot_accuracy_vs_macs(rows, out).name})", ""]
     lines.append(f"![curves]({plot_curves(runs, out).name})")
-    for name, plot in (("structure", plot_structure), ("budget", plot_budget)):
+    for name, plot in (("structure", plot_structure), ("signatures", plot_signatures), ("kept", plot_kept),
+                       ("budget", plot_budget)):
         path = plot(runs, out)
         if path:
             lines.append(f"![{name}]({path.name})")

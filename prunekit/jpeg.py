@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import DATASET_STATS, DataError, _epoch_seed
+from .data import DATASET_STATS, DataError, ImageFolderLoader, _epoch_seed
 from .errors import one_line
 
 JPEG_MAGIC = b"\xff\xd8"
@@ -74,9 +74,10 @@ def center_crop_box(height: int, width: int, resize: int = 256, crop: int = 224)
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-class DeviceJpegLoader:
-    """`root/{train,val}/<class>/<image>` with decoding and augmentation on `device`; the interface of
-    `data.ImageFolderLoader`. Non-JPEG files are decoded one by one (torchvision.io.decode_image)."""
+class DeviceJpegLoader(ImageFolderLoader):
+    """`root/{train,val}/<class>/<image>` with decoding and augmentation on `device`. Its own dataset,
+    collation and batches; epochs, seeding and length as `data.ImageFolderLoader`. Non-JPEG files are
+    decoded one by one (torchvision.io.decode_image)."""
 
     def __init__(self, root: str | Path, split: str, batch_size: int, *, train: bool,
                  device: str | torch.device = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1,
@@ -116,15 +117,6 @@ class DeviceJpegLoader:
                                                    num_workers=num_workers, collate_fn=_collate, drop_last=train,
                                                    persistent_workers=num_workers > 0)
         self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self._generator.manual_seed(_epoch_seed(self.seed, epoch) * self.world_size + self.rank)
-        if isinstance(self._sampler, torch.utils.data.DistributedSampler):
-            self._sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self._loader)
 
     def _decode(self, data: list[torch.Tensor], indices: list[int]) -> list[torch.Tensor]:
         """RGB uint8 C×H×W images on the device: JPEGs in one batched call, other formats one by one."""

@@ -27,9 +27,10 @@ RUNS = {
                      "--no-nesterov", "--weight-decay", "2e-4"],
     "sss-blocks": COMMON + ["--method", "sss", "--sss-structures", "blocks", "--penalty", "0.05", "--epochs", "10"],
     "sss-resnext": COMMON + ["--model", "recipes/specs/resnext29-4x4d-narrow.json", "--method", "sss",
-                             "--sss-structures", "groups+blocks", "--penalty", "0.01", "--epochs", "8", "--train-subset", "10000"],
+                             "--sss-structures", "groups+blocks", "--penalty", "0.02", "--epochs", "5",
+                             "--train-subset", "5000"],
 }
-ISTA_STAGES = [0.01, 0.02, 0.04]  # ρ per stage, 4 epochs each, each from the previous stage's gated weights
+ISTA_STAGES = [0.005, 0.01, 0.02]  # ρ per stage, 3 epochs each on 5k images, each from the previous stage's weights
 
 
 def summarize(run: Path) -> dict:
@@ -46,8 +47,8 @@ def ista_stages(out: Path) -> list[Path]:
     runs, init = [], []
     for number, rho in enumerate(ISTA_STAGES, start=1):
         run = out / f"ista-stage-{number}"
-        cli(["train", *COMMON, "--method", "ista-bn", "--penalty", str(rho), "--epochs", "4", "--schedule", "constant",
-             "--lr", "0.1", *init, "--out", str(run), "--force"])
+        cli(["train", *COMMON, "--train-subset", "5000", "--method", "ista-bn", "--penalty", str(rho), "--epochs", "3",
+             "--schedule", "constant", "--lr", "0.1", *init, "--out", str(run), "--force"])
         cli(["compress", str(run)])
         init = ["--init", str(run)]
         runs.append(run)

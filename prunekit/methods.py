@@ -258,6 +258,30 @@ class WeightAverage(Callback):
         self.updates, self.shadow = state["updates"], state["shadow"]
 
 
+class Distillation(Callback):
+    """Logit distillation from a frozen teacher (Hinton et al. 2015): weight · T² · KL(softmax(teacher/T) ‖
+    softmax(student/T)), batch mean. The student's input is caught by a forward pre-hook, so the loop
+    needs no change."""
+
+    def __init__(self, teacher: nn.Module, weight: float, temperature: float):
+        self.teacher, self.weight, self.temperature = teacher.eval(), weight, temperature
+        self.inputs = None
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def setup(self, trainer):
+        self.teacher.to(next(trainer.model.parameters()).device)
+        trainer.model.register_forward_pre_hook(lambda module, args: setattr(self, "inputs", args[0]))
+
+    def loss_terms(self, trainer, logits, targets):
+        with torch.no_grad():
+            teacher = self.teacher(self.inputs).float()
+        t = self.temperature
+        kl = nn.functional.kl_div(nn.functional.log_softmax(logits.float() / t, 1),
+                                  nn.functional.log_softmax(teacher / t, 1), reduction="batchmean", log_target=True)
+        return {"distillation": self.weight * t * t * kl}
+
+
 class SideSupervision(Callback):
     """ε-ResNet: cross-entropy of the side classifier, weighted, added to the loss."""
 

@@ -219,3 +219,24 @@ def test_weight_average_follows_tensorflows_decay_and_ends_on_the_average():
     average.after_step(trainer)  # last step: shadow = 2/11·[2.8, 0.1] + 9/11·[3, 0], then applied
     torch.testing.assert_close(bn.weight.detach(), torch.tensor([2.8 * 2 / 11 + 27 / 11, 0.0]))
     assert average.state_dict()["updates"] == 2
+
+
+def test_distillation_term_is_hintons_kl_at_temperature():
+    """weight · T² · KL(softmax(t/T) ‖ softmax(s/T)) by hand for one sample, 0 when student equals teacher."""
+    from types import SimpleNamespace
+
+    from prunekit.methods import Distillation
+
+    teacher = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        teacher.weight.copy_(torch.eye(2))
+    student = torch.nn.Linear(2, 2, bias=False)
+    kd = Distillation(teacher, weight=0.5, temperature=2.0)
+    kd.setup(SimpleNamespace(model=student))
+    x = torch.tensor([[2.0, 0.0]])
+    logits = student(x)
+    term = kd.loss_terms(None, logits, None)["distillation"]
+    p = torch.softmax(torch.tensor([1.0, 0.0]), 0)  # teacher logits / T
+    q = torch.softmax(logits.detach()[0] / 2, 0)
+    assert term.item() == pytest.approx(0.5 * 4 * float((p * (p / q).log()).sum()), rel=1e-5)
+    assert kd.loss_terms(None, teacher(x), None)["distillation"].item() == pytest.approx(0.0, abs=1e-7)

@@ -108,6 +108,18 @@ class AdaptiveRestartPolicy(LRPolicy):
         self.restarts = list(state["restarts"])
 
 
+class RewoundPolicy(LRPolicy):
+    """Learning-rate rewinding (Renda et al., ICLR 2020): retrain for `epochs` epochs on the last `epochs`
+    of the original run's schedule (`original`, over its own epochs), not a small constant LR."""
+
+    def __init__(self, original: LRPolicy, epochs: int):
+        super().__init__(original.base_lr, epochs)
+        self.original, self.offset = original, original.epochs - epochs
+
+    def lr_at(self, epoch: float) -> float:
+        return self.original.lr_at(self.offset + epoch)
+
+
 def make_policy(config) -> LRPolicy:
     """The policy a Config asks for."""
     if config.schedule == "onecycle":

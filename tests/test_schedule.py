@@ -61,3 +61,13 @@ def test_restart_watches_the_moving_average_count_and_a_rise_of_one():
     svhn.on_epoch_end(58, {"discarded_blocks": 0.0})
     svhn.on_epoch_end(59, {"discarded_blocks": 1.0})  # the end of 1-based epoch 60
     assert [svhn.lr_at(e) for e in (60, 69, 70, 74, 85)] == [0.1, 0.1, 0.01, 0.001, 1e-4]
+
+
+def test_rewound_policy_replays_the_end_of_the_original_schedule():
+    """Rewinding 3 epochs of a 10-epoch step schedule (decays at 5 and 8): epochs 7, 8 and 9 of the original."""
+    from prunekit.schedule import RewoundPolicy
+
+    rewound = RewoundPolicy(StepPolicy(0.1, 10, [5, 8]), 3)
+    assert [rewound.lr_at(e) for e in (0, 0.99, 1, 2.5)] == pytest.approx([0.01, 0.01, 0.001, 0.001])
+    cycle = RewoundPolicy(OneCyclePolicy(0.1, 10), 10)
+    assert [cycle.lr_at(e) for e in (0, 3, 10)] == pytest.approx([0.004, 0.1, 1e-5])

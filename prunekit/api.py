@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from .budget import budget_callbacks
-from .compress import CompressionError, compress, relative_logit_difference, zero_gammas
+from .compress import CompressionError, compress, relative_logit_difference
 from .config import make_config
-from .methods import build_method, dead_structures, gate_config, side_head_position
+from .methods import build_method, dead_structures, gate_config, side_head_position, zero_gammas
 from .models import build
 from .models.imports import torchvision_spec
 from .runner import load_into

@@ -77,7 +77,6 @@ def slimming_threshold(model: nn.Module, percent: float) -> float:
     return float(values.sort().values[k - 1]) if k > 0 else -1.0
 
 
-DISCARD_RULES = ("average", "weights")
 DISCARD_AVERAGE = 0.999995  # the authors prune a block whose logged average prints as "1" ('{:.5g}')
 
 
@@ -118,6 +117,15 @@ def dead_structures(model: nn.Module, method: str, *, prune_percent: float | Non
         elif isinstance(gate, (ScaleGate, BinaryGate)) and float(gate.factor()) == 0:
             dead.blocks.add((s, b))
     return dead
+
+
+def zero_gammas(model: nn.Module, dead: DeadSet) -> None:
+    """Set γ = 0 on the dead channels: a BN-γ channel cut by a threshold then emits only relu(β), which
+    compression folds exactly (network slimming's prune step)."""
+    with torch.no_grad():
+        for g in model.channel_groups():
+            if g.name in dead.channels:
+                g.bn.weight.masked_fill_(dead.channels[g.name].to(g.bn.weight.device), 0.0)
 
 
 # --- monitoring ------------------------------------------------------------------------------
@@ -219,10 +227,8 @@ class SlimmingPrune(Callback):
 
     def after_step(self, trainer):
         if trainer.epoch + 1 == trainer.epochs and trainer.step_in_epoch + 1 == len(trainer.train_loader):
-            dead = dead_structures(trainer.model, "slimming", prune_percent=self.percent_of(trainer.model))
-            with torch.no_grad():
-                for g in trainer.model.channel_groups():
-                    g.bn.weight.masked_fill_(dead.channels[g.name], 0.0)
+            zero_gammas(trainer.model, dead_structures(trainer.model, "slimming",
+                                                       prune_percent=self.percent_of(trainer.model)))
 
 
 class WeightAverage(Callback):

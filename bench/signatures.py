@@ -25,6 +25,11 @@ RUNS = {
                      "--lr-schedule", '{"0": 0.1, "6": 0.01, "9": 0.001}',
                      "--lr-restart-schedule", '{"0": 0.1, "3": 0.01, "5": 0.001}',
                      "--no-nesterov", "--weight-decay", "2e-4"],
+    # ε = 6: above the 4.8 and 5.8 moving-average max |F(x)| of two blocks at the end of the ε = 5 run
+    "eps6": COMMON + ["--method", "epsilon-resnet", "--epsilon", "6", "--epochs", "8", "--schedule", "piecewise",
+                      "--lr-schedule", '{"0": 0.1, "4": 0.01, "6": 0.001}',
+                      "--lr-restart-schedule", '{"0": 0.1, "2": 0.01, "3": 0.001}',
+                      "--no-nesterov", "--weight-decay", "2e-4"],
     "sss-blocks": COMMON + ["--method", "sss", "--sss-structures", "blocks", "--penalty", "0.05", "--epochs", "10"],
     "sss-resnext": COMMON + ["--model", "recipes/specs/resnext29-4x4d-narrow.json", "--method", "sss",
                              "--sss-structures", "groups+blocks", "--penalty", "0.02", "--epochs", "5",

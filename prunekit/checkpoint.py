@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,11 +20,50 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import one_line
+from .errors import FileFormatError, one_line, utf8_text
+
+CHECKPOINT_NAME = re.compile(r"epoch-\d{4,}")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file."""
+
+
+class NonFiniteError(CheckpointError):
+    """Weights or statistics holding NaN or inf: a diverged model is never written or used as a trained one.
+    `tensors` names them ("bn1.running_var and 3 more tensors")."""
+
+    def __init__(self, message: str, tensors: str):
+        super().__init__(message)
+        self.tensors = tensors
+
+
+def host_tensors(state_dict: dict) -> dict:
+    """Contiguous CPU copies of a state dict's tensors (what a file holds)."""
+    return {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+
+
+def may_be_infinite(name: str) -> bool:
+    """ε-ResNet's per-block ε (`gates.EpsilonGate.epsilon`) is +inf where a budget discards the block for good."""
+    return name == "gate.epsilon" or name.endswith(".gate.epsilon")
+
+
+def non_finite(tensors: dict) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf (NaN only, for those `may_be_infinite`)."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(
+        (v.isnan().logical_not() & v.ne(-torch.inf) if may_be_infinite(k) else v.isfinite()).all())]
+
+
+def _describe(names: list[str]) -> str:
+    return names[0] + (f" and {len(names) - 1} more tensors" if len(names) > 1 else "")
+
+
+def check_finite(tensors: dict, path: str | Path) -> None:
+    """Refuse to write host `tensors` to `path` when any holds NaN or inf."""
+    bad = non_finite(tensors)
+    if bad:
+        raise NonFiniteError(f"{path}: not written: {_describe(bad)} hold NaN or inf (the training diverged; "
+                             f"lower the learning rate or penalty)", _describe(bad))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -63,18 +103,32 @@ def atomic_write_json(path: str | Path, data) -> None:
 
 
 def save_weights(state_dict: dict, path: str | Path, metadata: dict | None = None) -> None:
-    """Weights as safetensors (contiguous CPU copies), written atomically."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    """Weights as safetensors (contiguous CPU copies), written atomically, and only when all are finite."""
+    tensors = host_tensors(state_dict)
+    check_finite(tensors, path)
+
+    def write(tmp):
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as exc:  # e.g. a full disk, reported from safetensors' Rust side
+            raise CheckpointError(f"{path}: cannot be written ({one_line(exc, 200)})") from None
+
+    atomic_write(path, write)
 
 
 def load_weights(path: str | Path) -> dict:
+    """A safetensors file's tensors; refused when any holds NaN or inf."""
     try:
-        return load_file(str(path))
+        weights = load_file(str(path))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: weights file not found") from None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
+        raise CheckpointError(f"{path}: not a valid safetensors file ({one_line(exc, 200)})") from None
+    bad = non_finite(weights)
+    if bad:
+        raise NonFiniteError(f"{path}: {_describe(bad)} hold NaN or inf: the model diverged and is not used",
+                             _describe(bad))
+    return weights
 
 
 def save_checkpoint(run_dir: str | Path, epoch: int, model_state: dict, state: dict, keep: int = 2) -> Path:
@@ -82,9 +136,11 @@ def save_checkpoint(run_dir: str | Path, epoch: int, model_state: dict, state: d
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"epoch-{epoch:04d}"
+    tensors = host_tensors(model_state)
+    check_finite(tensors, final)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".epoch-{epoch:04d}."))
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+        save_file(tensors, str(tmp / "model.safetensors"))
         torch.save(state, tmp / "state.pt")
         for f in tmp.iterdir():
             with open(f, "rb+") as fh:
@@ -117,10 +173,18 @@ def remove_partial_writes(run_dir: str | Path) -> None:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `checkpoints/latest` names, or None before the first one."""
     pointer = Path(run_dir) / "checkpoints" / "latest"
     if not pointer.exists():
         return None
-    path = pointer.parent / pointer.read_text().strip()
+    try:
+        name = utf8_text(pointer).strip()
+    except FileFormatError as exc:
+        raise CheckpointError(f"{pointer}: names no checkpoint (the file {exc}); start over with --force") from None
+    if not CHECKPOINT_NAME.fullmatch(name):
+        raise CheckpointError(f"{pointer}: names no checkpoint (expected epoch-NNNN, got {name[:40]!r}); write the "
+                              f"newest checkpoints/epoch-NNNN name into it, or start over with --force")
+    path = pointer.parent / name
     if not path.is_dir():
         raise CheckpointError(f"{pointer}: points at missing checkpoint {path.name}")
     return path

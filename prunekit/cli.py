@@ -3,17 +3,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from . import spec as specs
-from .config import Config, ConfigError, resolve
+from .config import MAX_LR, Config, ConfigError, resolve
+from .errors import MAX_NESTING, check_nesting, one_line
+
+MAX_IMAGE_SIZE = 4096  # info and export build a zero input of this side
 
 OPTION_HELP = {
     "model": "zoo name (resnet20, preresnet110, resnet50, vgg16, cnn4, ...) or a spec .json file",
     "data": "fashion-mnist, mnist, cifar10, cifar100, svhn, digits or imagenet",
     "method": "none, sss, binary-gate, ista-bn, slimming or epsilon-resnet",
     "penalty": "the method's L1 strength (APG γ, ISTA ρ, slimming s)",
+    "lr": f"peak learning rate, at most {MAX_LR:g}",
     "sss_structures": "what SSS gates: channels, blocks, groups (ResNeXt) or a '+' join (default channels+blocks)",
     "discard_rule": "ε-ResNet: average (moving average reads 1, the authors' code) or weights (also decayed to "
                     "within --discard-tolerance)",
@@ -31,6 +37,36 @@ OPTION_HELP = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other prunekit error (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def json_mapping(text: str) -> dict:
+    """A JSON mapping given on the command line (e.g. --lr-schedule '{"0": 0.1}')."""
+    try:
+        value = json.loads(text)
+        check_nesting(value)
+    except (ValueError, RecursionError):
+        raise argparse.ArgumentTypeError(f"not a JSON mapping nested at most {MAX_NESTING} deep: {text[:40]!r}")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON mapping: {text[:40]!r}")
+    return value
+
+
+def bounded(cast, low: float, high: float):
+    """An argparse type: `cast` of the text, finite and within [low, high]."""
+    def parse(text: str):
+        value = cast(text)
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"{text!r} is not within [{low:g}, {high:g}]")
+        return value
+    parse.__name__ = cast.__name__
+    return parse
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     """One flag per Config field; unset flags leave the recipe's value alone."""
     parser.add_argument("--recipe", help="YAML recipe; flags given here override its values")
@@ -43,7 +79,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         elif kind.startswith("list"):
             parser.add_argument(flag, dest=f.name, type=float, nargs="*", default=None, help=OPTION_HELP.get(f.name))
         elif kind.startswith("dict"):
-            parser.add_argument(flag, dest=f.name, type=json.loads, default=None, help="JSON mapping")
+            parser.add_argument(flag, dest=f.name, type=json_mapping, default=None, help="JSON mapping")
         else:
             cast = int if kind.startswith("int") else float if kind.startswith("float") else str
             parser.add_argument(flag, dest=f.name, type=cast, default=None, help=OPTION_HELP.get(f.name))
@@ -67,16 +103,21 @@ def cmd_eval(args) -> int:
     from .compress import load_any
     from .config import make_config
     from .distributed import DistContext, pick_device
-    from .engine import Trainer
-    from .runner import make_loaders
+    from .engine import Trainer, TrainingError
+    from .runner import check_device, make_loaders
     from .schedule import LRPolicy
 
+    config = make_config({"data": args.data, "data_dir": args.data_dir, "batch_size": args.batch_size,
+                          "device": args.device}, "options")
+    check_device(config.device)
     model, _ = load_any(args.path)
-    config = make_config({"data": args.data, "data_dir": args.data_dir, "batch_size": args.batch_size})
-    ctx = DistContext(device=pick_device(args.device))
+    ctx = DistContext(device=pick_device(config.device))
     _, loaders = make_loaders(config, ctx)
     trainer = Trainer(model, [], LRPolicy(0.0, 1), None, loaders, epochs=0, ctx=ctx)
     result = trainer.evaluate(loaders["test"])
+    if not math.isfinite(result["loss"]):
+        raise TrainingError(f"{args.path}: the test loss is not finite (the model's outputs overflow: its training "
+                            f"diverged)")
     print(json.dumps({"path": str(args.path), "test_loss": result["loss"], "test_acc": result["acc"]}))
     return 0
 
@@ -87,6 +128,7 @@ def cmd_info(args) -> int:
 
     spec = specs.load(args.model) if args.model.endswith(".json") else zoo_spec(
         args.model, num_classes=args.num_classes, in_channels=args.in_channels)
+    specs.check_input_size(spec, args.image_size)
     cost = spec_cost(spec, (args.image_size, args.image_size))
     print(json.dumps({"spec": specs.to_dict(spec)}) if args.json else specs.to_json(spec))
     print(f"layers {specs.count_layers(spec)}  params {cost.params:,}  MACs {cost.macs:,} "
@@ -98,15 +140,18 @@ def cmd_compress(args) -> int:
     from .compress import compress_run
 
     card = compress_run(args.path, args.out, method=args.method, prune_percent=args.prune_percent,
-                        tolerance=args.tolerance, data=args.data, data_dir=args.data_dir)
+                        tolerance=args.tolerance, data=args.data, data_dir=args.data_dir, force=args.force)
     print(json.dumps(card, indent=1))
     return 0
 
 
 def cmd_run(args) -> int:
     from .pipeline import MAIN_JOB, run_pipeline
+    from .runner import run_lock
 
-    run_pipeline(_config(args, MAIN_JOB), args.out, resume=args.resume, force=args.force)
+    config = _config(args, MAIN_JOB)
+    with run_lock(Path(args.out)):
+        run_pipeline(config, args.out, resume=args.resume, force=args.force)
     return 0
 
 
@@ -129,8 +174,11 @@ def cmd_scratch(args) -> int:
 
 def cmd_stages(args) -> int:
     from .protocols import multi_stage
+    from .runner import run_lock
 
-    summary = multi_stage(_config(args), args.out, resume=args.resume, force=args.force)
+    config = _config(args)
+    with run_lock(Path(args.out)):
+        summary = multi_stage(config, args.out, resume=args.resume, force=args.force)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -161,7 +209,7 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunekit", description=__doc__)
+    parser = Parser(prog="prunekit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (dense or sparse) into a run directory")
@@ -176,14 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--data-dir")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, mps, cuda or cuda:N")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="spec, parameters and MACs of a zoo model or spec file")
     p.add_argument("model")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--in-channels", type=int, default=3)
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--num-classes", type=bounded(int, 1, specs.MAX_WIDTH), default=10)
+    p.add_argument("--in-channels", type=bounded(int, 1, specs.MAX_WIDTH), default=3)
+    p.add_argument("--image-size", type=bounded(int, 1, MAX_IMAGE_SIZE), default=32)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
@@ -191,11 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="run directory (its final/ model) or a directory with spec.json, gates.json, model.safetensors")
     p.add_argument("--out", help="export directory (default: RUN/compressed)")
     p.add_argument("--method", help="selection rule (default: the run's method)")
-    p.add_argument("--prune-percent", type=float, help="slimming: global percentile of |γ| to remove")
-    p.add_argument("--tolerance", type=float, default=1e-4,
+    p.add_argument("--prune-percent", type=bounded(float, 0, 100), help="slimming: global percentile of |γ| to remove")
+    p.add_argument("--tolerance", type=bounded(float, 0, 1), default=1e-4,
                    help="max relative logit difference (compressed vs gated) before compression refuses")
     p.add_argument("--data", help="evaluate before/after on this dataset (default: the run's)")
     p.add_argument("--data-dir")
+    p.add_argument("--force", action="store_true", help="write into --out even if it holds something other than "
+                                                       "an export of this run")
     p.set_defaults(func=cmd_compress)
 
     for name, func, text in (("finetune", cmd_finetune, "fine-tune a compressed export"),
@@ -226,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a model to ONNX")
     p.add_argument("path", help="compressed export or run directory")
     p.add_argument("--onnx", required=True, help="output .onnx file")
-    p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--image-size", type=bounded(int, 1, MAX_IMAGE_SIZE), default=28)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("run", help="the main job: dense → sparse to a budget → compress → fine-tune → report")
@@ -246,15 +296,18 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import TrainingError
     from .runner import RunDirError
 
-    args = build_parser().parse_args(argv)
+    try:
+        args, extra = build_parser().parse_known_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error, already printed on one line (2)
+        return exc.code
+    if extra:
+        print(f"prunekit {args.command}: error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except (ConfigError, specs.SpecError, DataError, CheckpointError, TrainingError, RunDirError,
-            CompressionError) as exc:
-        print(f"prunekit {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a full disk or a permission problem: the file and the reason
-        print(f"prunekit {args.command}: error: {exc}", file=sys.stderr)
+            CompressionError, OSError) as exc:  # OSError: a full disk or a permission problem, the file and why
+        print(f"prunekit {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"prunekit {args.command}: interrupted; resume with --resume", file=sys.stderr)

@@ -10,7 +10,10 @@ the equivalence check then refuses the compression.
 from __future__ import annotations
 
 import copy
-import json
+import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +23,9 @@ from torch import nn
 
 from . import spec as specs
 from .checkpoint import atomic_write_json, atomic_write_text, load_weights, save_weights
-from .errors import one_line
+from .errors import FileFormatError, one_line, read_json
 from .gates import BinaryGate, ScaleGate
-from .methods import DeadSet, dead_structures
+from .methods import DeadSet, dead_structures, zero_gammas
 from .models import build
 from .models.resnet import ConstantInputBias, ResNet
 
@@ -274,13 +277,25 @@ def max_logit_difference(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
 
 
 def export(directory: str | Path, spec: specs.Spec, state_dict: dict, card: dict) -> Path:
-    """spec.json + model.safetensors + card.json/card.md: loads with `prunekit.load`, no pickle."""
+    """spec.json + model.safetensors + card.json/card.md: loads with `prunekit.load`, no pickle.
+
+    The files are written into a hidden staging folder inside `directory` and renamed into place only
+    when all are written, so a full disk (or NaN weights, which are refused) leaves the previous export
+    whole. A folder staged by a killed export is removed by the next one."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_weights(state_dict, directory / "model.safetensors")
-    atomic_write_json(directory / "spec.json", specs.to_dict(spec))
-    atomic_write_json(directory / "card.json", card)
-    atomic_write_text(directory / "card.md", card_markdown(card))
+    for stale in directory.glob(".export-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(dir=directory, prefix=".export-"))
+    try:
+        save_weights(state_dict, staging / "model.safetensors")
+        atomic_write_json(staging / "spec.json", specs.to_dict(spec))
+        atomic_write_text(staging / "card.md", card_markdown(card))
+        atomic_write_json(staging / "card.json", card)
+        for name in ("model.safetensors", "spec.json", "card.md", "card.json"):
+            os.replace(staging / name, directory / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 
@@ -344,31 +359,48 @@ def relative_logit_difference(gated: nn.Module, compressed: nn.Module, x: torch.
         return float((compressed.eval()(x) - reference).abs().max() / reference.abs().max().clamp(min=1e-12))
 
 
-def zero_gammas(model: nn.Module, dead: DeadSet) -> None:
-    """Set γ = 0 on the dead channels: a BN-γ channel cut by a threshold then emits only relu(β), which
-    compression folds exactly (network slimming's prune step, applied before compressing)."""
-    with torch.no_grad():
-        for g in model.channel_groups():
-            if g.name in dead.channels:
-                g.bn.weight.masked_fill_(dead.channels[g.name].to(g.bn.weight.device), 0.0)
+def _check_export_target(directory: Path, run: Path) -> None:
+    """An export may replace only an export of the same run (card.json's "source"), or nothing."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise CompressionError(f"{directory}: is a file, not an export directory; choose another --out")
+    if not any(directory.iterdir()):
+        return
+    try:
+        card = read_json(directory / "card.json")
+    except FileFormatError:
+        card = None
+    source = card.get("source") if isinstance(card, dict) else None
+    if not (isinstance(source, str) and (source == str(run) or Path(source).resolve() == run.resolve())):
+        raise CompressionError(f"{directory}: holds something other than an export of {run}; use --force to write "
+                               f"the export there anyway, or choose another --out")
 
 
 def compress_run(path: str | Path, out: str | Path | None = None, *, method: str | None = None,
                  prune_percent: float | None = None, tolerance: float = 1e-4, data: str | None = None,
-                 data_dir: str | None = None, batch: torch.Tensor | None = None) -> dict:
+                 data_dir: str | None = None, batch: torch.Tensor | None = None, force: bool = False) -> dict:
     """Compress a trained run's final model, check equivalence on random inputs and on a batch of the
     run's test data (when it can be read), export, and return its card. Refuses, with one line, a
-    compression whose logits differ from the gated model's by more than `tolerance` (relative)."""
+    compression whose logits differ from the gated model's by more than `tolerance` (relative), and an
+    `out` holding anything but an export of this run unless `force`."""
     from .config import make_config
     from .measure import count_params, spec_cost
-    from .runner import input_size, load_final, real_batch
+    from .runner import input_size, load_final, real_batch, recorded_config
 
     run = Path(path)
-    recorded = json.loads((run / "config.json").read_text())["config"] if (run / "config.json").exists() else {}
-    config = make_config({**recorded, **{k: v for k, v in {"data": data, "data_dir": data_dir}.items() if v}})
+    target = Path(out) if out else run / "compressed"
+    if not force:
+        _check_export_target(target, run)
+    recorded = recorded_config(run) if (run / "config.json").exists() else {}
+    config = make_config({**recorded, **{k: v for k, v in {"data": data, "data_dir": data_dir}.items() if v}},
+                         str(run / "config.json"))
     method = method or config.method
     prune_percent = prune_percent if prune_percent is not None else config.prune_percent
     saved = run / "final" if (run / "final").is_dir() else run
+    if not (saved / "gates.json").exists():
+        raise CompressionError(f"{run}: holds no trained model (final/ with gates.json, spec.json and "
+                               f"model.safetensors); did its training finish?")
     spec, gates, weights, side = load_final(saved)
     gated = build(spec, gates, side)
     load_fitting(gated, weights, saved / "model.safetensors")
@@ -392,6 +424,10 @@ def compress_run(path: str | Path, out: str | Path | None = None, *, method: str
     if real is not None:
         batches["data"] = real
     differences = {name: relative_logit_difference(gated, result.model, x) for name, x in batches.items()}
+    overflowing = [name for name, difference in differences.items() if not math.isfinite(difference)]
+    if overflowing:
+        raise CompressionError(f"{run}: the model's logits on {overflowing[0]} inputs are not finite (its training "
+                               f"diverged); nothing exported")
     worst = max(differences, key=differences.get)
     if not differences[worst] <= tolerance:
         raise CompressionError(f"{run}: compressed logits differ from the gated model's by {differences[worst]:.3g} "
@@ -403,5 +439,5 @@ def compress_run(path: str | Path, out: str | Path | None = None, *, method: str
             "max_logit_difference": max(differences.values()), "checked_on": sorted(differences), "exact": True,
             "dead_channels": dead.count_channels(), "dead_groups": dead.count_groups(),
             "dead_blocks": len(dead.blocks), "prune_percent": prune_percent, "stages": specs.stage_table(result.spec)}
-    export(out or run / "compressed", result.spec, result.state_dict, card)
+    export(target, result.spec, result.state_dict, card)
     return card

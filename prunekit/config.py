@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
+import re
+import reprlib
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
+
+from .errors import MAX_NESTING, FileFormatError, check_nesting, one_line, utf8_text
 
 
 class ConfigError(ValueError):
@@ -83,8 +88,58 @@ class Config:
 
 SCHEDULES = ("onecycle", "cosine", "step", "constant", "piecewise")
 SSS_STRUCTURES = ("channels", "blocks", "groups")
+METHODS = ("none", "sss", "binary-gate", "ista-bn", "slimming", "epsilon-resnet")  # = prunekit.methods.METHODS
 CHOICES = {"schedule": SCHEDULES, "on_nan": ("stop", "skip"), "discard_rule": ("average", "weights"),
-           "budget_rule": ("exact", "paper")}
+           "budget_rule": ("exact", "paper"), "method": METHODS}
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,2})?")
+
+MAX_EPOCHS = 100_000
+MAX_SEED = 2**24  # loaders derive per-epoch and per-batch seeds (seed · 1000003² + ...) within torch's 64 bits
+MAX_LR = 1e3  # 10⁴ × the recipes' largest (0.1); far larger rates overflow float32 arithmetic within a step
+MAX_FACTOR = 1e6  # penalties, decays, ε and other multipliers: times MAX_LR, still far below float32's 3e38
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option (or each item of a list or mapping option) may take."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        def show(x):
+            return "∞" if x == math.inf else f"{x:g}" if isinstance(x, float) else str(x)
+        closing = ")" if self.high_open or self.high == math.inf else "]"
+        return f"{'(' if self.low_open else '['}{show(self.low)}, {show(self.high)}{closing}"
+
+
+EPOCHS, LR, FACTOR, FRACTION = Range(1, MAX_EPOCHS), Range(0, MAX_LR), Range(0, MAX_FACTOR), Range(0, 1, high_open=True)
+RANGES = {
+    "train_subset": Range(1, math.inf), "val_split": Range(0, math.inf), "pad": Range(0, 64),
+    "epochs": EPOCHS, "batch_size": Range(1, 65536), "lr": LR, "momentum": FRACTION, "weight_decay": FACTOR,
+    "milestones": Range(0, MAX_EPOCHS), "lr_gamma": Range(0, 1, low_open=True), "warmup_epochs": Range(0, MAX_EPOCHS),
+    "label_smoothing": FRACTION, "seed": Range(0, MAX_SEED, high_open=True), "num_workers": Range(0, 256),
+    "penalty": FACTOR, "gate_momentum": FRACTION, "epsilon": FACTOR, "epsilon_start_epoch": Range(0, MAX_EPOCHS),
+    "discard_tolerance": FACTOR, "threshold": Range(0, MAX_FACTOR, low_open=True), "side_weight": FACTOR,
+    "lr_schedule": LR, "lr_restart_schedule": LR, "prune_percent": Range(0, 100),
+    "gamma_rescale": Range(1 / MAX_FACTOR, MAX_FACTOR), "weight_average": FRACTION, "stage_penalties": FACTOR,
+    "stage_epochs": EPOCHS, "stage_lrs": LR, "target_macs": Range(0, math.inf, low_open=True),
+    "target_params": Range(0, math.inf, low_open=True), "target_epoch_fraction": Range(0, 1, low_open=True),
+    "sparse_epochs": EPOCHS, "finetune_epochs": EPOCHS, "finetune_lr": LR,
+}
+SCHEDULE_EPOCHS = Range(0, MAX_EPOCHS)  # the keys of lr_schedule and lr_restart_schedule
+
+
+def _show(value) -> str:
+    """A short repr: a recipe may hold megabytes or thousands of levels where a number belongs."""
+    return reprlib.repr(value)
 
 
 def _field_types() -> dict[str, object]:
@@ -92,8 +147,9 @@ def _field_types() -> dict[str, object]:
     return {f.name: hints[f.name] for f in fields(Config)}
 
 
-def _check_type(value, hint, where: str):
-    """Coerce ints to floats where a float is expected; reject anything else of the wrong type."""
+def check_type(value, hint, where: str):
+    """`value` as type `hint` (ints become floats where floats are expected; floats must be finite,
+    strings fit for file names); anything else is a ConfigError naming `where`."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
@@ -104,7 +160,7 @@ def _check_type(value, hint, where: str):
             if option is type(None):
                 continue
             try:
-                return _check_type(value, option, where)
+                return check_type(value, option, where)
             except ConfigError as exc:
                 errors.append(exc)
         raise errors[0]
@@ -112,25 +168,53 @@ def _check_type(value, hint, where: str):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
         (item,) = typing.get_args(hint)
-        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         _, item = typing.get_args(hint)
-        return {str(k): _check_type(v, item, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): check_type(v, item, f"{where}.{_show(k)}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         if abs(value) > 2**1023:  # float() would raise OverflowError
-            raise ConfigError(f"{where}: {value} is too large for a float")
+            raise ConfigError(f"{where}: {_show(value)} is too large for a float")
         return float(value)
     if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__} {_show(value)}")
     if hint is float and not math.isfinite(value):
         raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    if hint is str and not _is_path_text(value):
+        raise ConfigError(f"{where}: {_show(value)} holds a NUL or a character no file name can hold")
     return value
 
 
-def make_config(values: dict, source: str = "config") -> Config:
-    """Validate a mapping of options (unknown keys get a suggestion) and build a Config."""
+def _is_path_text(text: str) -> bool:
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        return False
+    return "\0" not in text
+
+
+def _check_range(key: str, value, where: str) -> None:
+    """`value` (a number, or each item of a list or mapping) lies in RANGES[key]."""
+    allowed = RANGES.get(key)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+    for item in items if allowed else ():
+        if item is not None and item not in allowed:
+            raise ConfigError(f"{where} must be in {allowed}, got {_show(item)}")
+    if isinstance(value, dict):
+        for epoch in value:
+            try:
+                number = float(epoch)
+            except ValueError:
+                number = math.nan
+            if number not in SCHEDULE_EPOCHS:
+                raise ConfigError(f"{where}: {_show(epoch)} is not an epoch number in {SCHEDULE_EPOCHS}")
+
+
+def check_values(values, source: str) -> dict:
+    """Each option on its own: a known key, of its type, within its range or choices. Returns the
+    values with ints made floats where floats are expected."""
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping of options, got {type(values).__name__}")
     known = _field_types()
@@ -139,43 +223,52 @@ def make_config(values: dict, source: str = "config") -> Config:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{source}: unknown key {key!r}{hint}")
-        checked[key] = _check_type(value, known[key], f"{source}: {key}")
+            raise ConfigError(f"{source}: unknown key {_show(key)}{hint}")
+        checked[key] = check_type(value, known[key], f"{source}: {key}")
         if key in CHOICES and checked[key] not in CHOICES[key]:
-            raise ConfigError(f"{source}: {key} must be one of {CHOICES[key]}, got {checked[key]!r}")
-    config = Config(**checked)
+            raise ConfigError(f"{source}: {key} must be one of {CHOICES[key]}, got {_show(checked[key])}")
+        _check_range(key, checked[key], f"{source}: {key}")
+    if "device" in checked and not DEVICE.fullmatch(checked["device"]):
+        raise ConfigError(f"{source}: device must be auto, cpu, mps, cuda or cuda:N, got {_show(checked['device'])}")
+    if "model" in checked and not checked["model"]:
+        raise ConfigError(f"{source}: model must name a zoo model or a spec .json file, got ''")
+    return checked
+
+
+def make_config(values: dict, source: str = "config") -> Config:
+    """Validate a mapping of options (unknown keys get a suggestion) and build a Config."""
+    config = Config(**check_values(values, source))
     structures = config.sss_structures.split("+")
     if not structures or any(s not in SSS_STRUCTURES for s in structures) or len(set(structures)) < len(structures):
         raise ConfigError(f"{source}: sss_structures must join {', '.join(SSS_STRUCTURES)} with '+' "
-                          f"(e.g. channels+blocks), got {config.sss_structures!r}")
+                          f"(e.g. channels+blocks), got {_show(config.sss_structures)}")
     stages = (config.stage_penalties, config.stage_epochs, config.stage_lrs)
     if any(stages) and not (len(config.stage_penalties) == len(config.stage_epochs) == len(config.stage_lrs) > 0
-                            and all(e >= 1 and e == int(e) for e in config.stage_epochs)):
+                            and all(e == int(e) for e in config.stage_epochs)):
         raise ConfigError(f"{source}: stage_penalties, stage_epochs (whole epochs ≥ 1) and stage_lrs need one "
                           f"value per stage each, got {len(config.stage_penalties)}, {len(config.stage_epochs)} "
                           f"and {len(config.stage_lrs)}")
-    if not 0 <= config.weight_average < 1:
-        raise ConfigError(f"{source}: weight_average must be in [0, 1) (0: off; Ye et al.: 0.999), "
-                          f"got {config.weight_average}")
     if config.extra_data and config.data != "svhn":
-        raise ConfigError(f"{source}: extra_data: only SVHN has an extra split, not {config.data}")
-    for key in ("epochs", "batch_size"):
-        if getattr(config, key) < 1:
-            raise ConfigError(f"{source}: {key} must be at least 1, got {getattr(config, key)}")
-    for key in ("lr", "weight_decay", "label_smoothing", "momentum"):
-        if getattr(config, key) < 0:
-            raise ConfigError(f"{source}: {key} must not be negative, got {getattr(config, key)}")
+        raise ConfigError(f"{source}: extra_data: only SVHN has an extra split, not {_show(config.data)}")
+    if config.nesterov and config.momentum == 0:
+        raise ConfigError(f"{source}: nesterov needs a momentum above 0; give --no-nesterov (nesterov: false) "
+                          f"for plain SGD")
     return config
 
 
 def load_recipe(path: str | Path) -> dict:
-    """Read a YAML recipe with the safe loader (no object construction, ever)."""
+    """Read a YAML recipe with the safe loader (no object construction, ever); libyaml's where installed,
+    which is fast and refuses nesting deeper than 1000 levels by itself."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read recipe ({exc.strerror})") from None
+        data = yaml.load(utf8_text(path), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        check_nesting(data)
+    except FileFormatError as exc:
+        raise ConfigError(f"{path}: not a readable recipe (the file {exc})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        raise ConfigError(f"{path}: not valid YAML ({one_line(exc, 300)})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not a readable recipe (the file is nested more than {MAX_NESTING} levels "
+                          f"deep)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -184,9 +277,8 @@ def load_recipe(path: str | Path) -> dict:
 
 
 def resolve(recipe: str | Path | None, overrides: dict, defaults: dict | None = None) -> Config:
-    """`defaults`, then the recipe's values, then command-line overrides (those not None) on top."""
-    values = load_recipe(recipe) if recipe else {}
-    source = str(recipe) if recipe else "options"
-    make_config(values, source)
-    values = {**(defaults or {}), **values, **{k: v for k, v in overrides.items() if v is not None}}
-    return make_config(values, source)
+    """`defaults`, then the recipe's values, then command-line overrides (those not None) on top. Each
+    value is checked where it was given (the recipe's file or "options"), their combination last."""
+    values = check_values(load_recipe(recipe), str(recipe)) if recipe else {}
+    given = check_values({k: v for k, v in overrides.items() if v is not None}, "options")
+    return make_config({**(defaults or {}), **values, **given}, f"{recipe} with the options" if recipe else "options")

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, NonFiniteError, atomic_write_text, latest_checkpoint, load_checkpoint,
+                         may_be_infinite, save_checkpoint)
 from .distributed import DistContext, all_reduce
 from .errors import one_line
 from .schedule import LRPolicy
@@ -77,7 +78,9 @@ class Trainer:
     On CUDA it lets cuDNN pick the fastest convolution algorithms and keeps activations channels-last
     (`channels_last` asks for that layout on other devices). With `on_nan="stop"` a non-finite loss is
     found at the next read of the device (every `check_every` steps and at the epoch end) and named by
-    its step; with `on_nan="skip"` the host must know before the optimizers step, so each step is read.
+    its step; with `on_nan="skip"` the host must know before the optimizers step, so each step is read,
+    and a skipped step's forward leaves no trace in the BN statistics either. Non-finite weights or
+    statistics are never checkpointed: the run stops at that epoch's end (see `checkpoint`).
     """
 
     def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], policy: LRPolicy,
@@ -153,9 +156,17 @@ class Trainer:
         return True
 
     def checkpoint(self) -> None:
+        """Save the finished epoch; a state holding NaN or inf (e.g. BN statistics overflowed by a huge
+        step whose loss was still finite) stops the run instead, the previous checkpoint kept."""
         if self.run_dir is None or not self.ctx.is_main:
             return
-        save_checkpoint(self.run_dir, self.epoch, self.model.state_dict(), self.state())
+        last = latest_checkpoint(self.run_dir)
+        try:
+            save_checkpoint(self.run_dir, self.epoch, self.model.state_dict(), self.state())
+        except NonFiniteError as exc:
+            raise TrainingError(f"non-finite weights or statistics after epoch {self.epoch} ({exc.tensors}); last "
+                                f"good checkpoint: {last if last else 'none written yet'} (lower the learning rate "
+                                f"or penalty, or use --on-nan skip)") from None
         lines = "".join(_json_line(m) for m in self.history)
         atomic_write_text(self.run_dir / "metrics.jsonl", lines)
 
@@ -196,16 +207,22 @@ class Trainer:
         if self.ctx.is_main and sys.stderr.isatty():
             from tqdm import tqdm
             batches = bar = tqdm(batches, total=steps, desc=f"epoch {self.epoch + 1}/{self.epochs}", leave=False)
+        skip = self.on_nan == "skip"
+        named = list(self.model.named_buffers()) if skip else []  # BN statistics: a skipped step must not move them
+        buffers, checked = [b for _, b in named], [b for name, b in named if not may_be_infinite(name)]
         for self.step_in_epoch, (x, y) in enumerate(batches):
             x, y = self._prepare(x, y)
             lr = self.set_lr(self.epoch + self.step_in_epoch / steps)
+            before = [b.clone() for b in buffers]
             with self._autocast():
                 logits = self.forward_model(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
                 for term in (t for cb in self.callbacks for t in cb.loss_terms(self, logits, y).values()):
                     loss = loss + term
             finite = torch.isfinite(loss.detach())
-            if self.on_nan == "skip" and not all_reduce(finite.double(), self.ctx, "min"):  # reads every step
+            if skip and not all_reduce((finite & _all_finite(checked, finite)).double(), self.ctx, "min"):  # each step
+                for buffer, saved in zip(buffers, before):
+                    buffer.copy_(saved)
                 self.skipped_steps += 1
                 continue
             for opt in self.optimizers:
@@ -294,6 +311,12 @@ class Trainer:
             if self.ctx.is_main:
                 self.log(format_metrics(metrics))
         return self.history
+
+
+def _all_finite(tensors: list[torch.Tensor], true: torch.Tensor) -> torch.Tensor:
+    """One device flag: no floating-point tensor of `tensors` holds NaN or inf (`true` when there are none)."""
+    floats = [t.reshape(-1).float() for t in tensors if t.is_floating_point()]
+    return torch.cat(floats).isfinite().all() if floats else true
 
 
 def _json_line(metrics: dict) -> str:

@@ -1,6 +1,7 @@
 """From a Config to a finished run directory: data, model, method, trainer, final artifacts.
 
 Run directory layout:
+    .lock              held (flock) by the one process writing the run; holds its PID
     config.json        resolved configuration, versions, git revision
     metrics.jsonl      one JSON object per epoch
     checkpoints/       epoch-NNNN/{model.safetensors,state.pt} and `latest` (resume point)
@@ -8,11 +9,15 @@ Run directory layout:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 import platform
 import shutil
 import subprocess
+import typing
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,18 +26,54 @@ import torch
 from . import spec as specs
 from .budget import budget_callbacks
 from .checkpoint import atomic_write_json, load_weights, remove_partial_writes, save_weights
-from .config import Config, ConfigError
+from .config import Config, ConfigError, check_type
 from .data import DATASET_STATS, BatchLoader, DataError, dataset_info, load_dataset, make_loader, split_validation
 from .distributed import DistContext, init_distributed
 from .engine import Trainer
+from .errors import FileFormatError, one_line, read_json
 from .gates import GateConfig
 from .methods import build_method, gate_config, side_head_position
 from .models import build, zoo_spec
 from .schedule import make_policy
 
 
+LOCK = ".lock"
+ARTIFACTS = ("final", "compressed", "checkpoints", "metrics.jsonl", "config.json")  # what --force clears
+
+
 class RunDirError(RuntimeError):
     """The output directory holds something else; the message says how to proceed."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold DIR/.lock, an exclusive flock with the holder's PID in it, while writing into DIR: a second
+    writer is refused, naming that PID. The kernel releases the lock when its holder exits, even killed."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirError(f"{run_dir}: in use by another prunekit process (PID {holder}); wait for it to end "
+                          f"or stop it") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_device(preference: str) -> None:
+    """Refuse a device this machine does not have, before anything is built on it."""
+    kind, _, index = preference.partition(":")
+    if kind == "cuda" and int(index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device: {preference} asked for, but this machine has {torch.cuda.device_count()} "
+                          f"CUDA GPUs")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device: mps asked for, but this machine has no Apple GPU")
 
 
 def model_spec(config: Config) -> specs.Spec:
@@ -43,8 +84,13 @@ def model_spec(config: Config) -> specs.Spec:
         if spec.in_channels != info["in_channels"] or spec.num_classes != info["num_classes"]:
             raise ConfigError(f"{config.model}: spec has {spec.in_channels} input channels and {spec.num_classes} "
                               f"classes; {config.data} needs {info['in_channels']} and {info['num_classes']}")
-        return spec
-    return zoo_spec(config.model, num_classes=info["num_classes"], in_channels=info["in_channels"])
+    else:
+        spec = zoo_spec(config.model, num_classes=info["num_classes"], in_channels=info["in_channels"])
+    try:
+        specs.check_input_size(spec, info["image_size"])
+    except specs.SpecError as exc:
+        raise specs.SpecError(f"{config.model} on {config.data}: {exc}") from None
+    return spec
 
 
 def input_size(config: Config) -> tuple[int, int, int]:
@@ -78,6 +124,9 @@ def make_loaders(config: Config, ctx: DistContext):
     if config.train_subset:
         train_set = train_set.subset(min(config.train_subset, len(train_set)))
     loaders = {}
+    if config.val_split >= len(train_set):
+        raise ConfigError(f"val_split: {config.val_split} would leave no training images (the training set has "
+                          f"{len(train_set)})")
     if config.val_split:
         train_set, val_set = split_validation(train_set, config.val_split, config.seed)
         loaders["val"] = BatchLoader(val_set, config.batch_size, train=False, mean=mean, std=std, **common)
@@ -108,24 +157,46 @@ def environment() -> dict:
             "threads": torch.get_num_threads()}
 
 
-def prepare_run_dir(run_dir: Path, config: Config, *, resume: bool, force: bool, is_main: bool = True) -> None:
-    """Refuse to mix two runs in one directory unless resuming the same one or forced."""
+def recorded_config(run_dir: Path) -> dict:
+    """The configuration a run directory's config.json records (a mapping, not yet validated)."""
     record = run_dir / "config.json"
+    try:
+        data = read_json(record)
+    except FileFormatError as exc:
+        raise RunDirError(f"{record}: not the record of a run (the file {exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise RunDirError(f"{record}: holds no run configuration (a mapping with a 'config' mapping)")
+    return data["config"]
+
+
+def prepare_run_dir(run_dir: Path, config: Config, *, resume: bool, force: bool, is_main: bool = True) -> None:
+    """Refuse to mix two runs in one directory unless resuming the same one; `force` (without `resume`)
+    clears the old run's artifacts first. Resuming the same run leaves its record as it was written."""
+    record = run_dir / "config.json"
+    same_run = False
     if record.exists() and not force:
-        try:
-            previous = json.loads(record.read_text()).get("config")
-        except (OSError, json.JSONDecodeError):
-            previous = None
         if not resume:
             raise RunDirError(f"{run_dir}: already holds a run; use --resume to continue it or --force to overwrite")
+        try:
+            previous = recorded_config(run_dir)
+        except RunDirError as exc:
+            raise RunDirError(f"{exc}; use --force to start the run over") from None
         if previous != json.loads(json.dumps(config.to_dict())):
             raise RunDirError(f"{run_dir}: holds a run with a different configuration; use --force to overwrite")
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if force and (run_dir / "checkpoints").exists() and not resume:
-            shutil.rmtree(run_dir / "checkpoints")
-        if resume:
-            remove_partial_writes(run_dir)
+        same_run = True
+    if not is_main:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if force and not resume:
+        for name in ARTIFACTS:
+            path = run_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    if resume:
+        remove_partial_writes(run_dir)
+    if not same_run:
         atomic_write_json(record, {"config": config.to_dict(), "environment": environment()})
 
 
@@ -140,13 +211,29 @@ def save_final(directory: Path, spec: specs.Spec, gates: GateConfig, model: torc
 def load_final(directory: Path) -> tuple[specs.Spec, GateConfig, dict, tuple[int, int] | None]:
     """(spec, gates, weights, side head position) of a saved gated model."""
     spec = specs.load(directory / "spec.json")
-    try:
-        gates = GateConfig(**json.loads((directory / "gates.json").read_text()))
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"{directory / 'gates.json'}: not a gate configuration ({exc})") from None
+    gates = load_gates(directory / "gates.json")
     weights = load_weights(directory / "model.safetensors")
     side = side_head_position(spec) if any(k.startswith("side_head.") for k in weights) else None
     return spec, gates, weights, side
+
+
+def load_gates(path: Path) -> GateConfig:
+    """A gates.json file, each field of its type (`"blocks": "no"` is not true, a threshold a finite number)."""
+    try:
+        data = read_json(path)
+    except FileFormatError as exc:
+        raise ConfigError(f"{path}: not a gate configuration (the file {exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of gate fields, got {type(data).__name__}")
+    hints = typing.get_type_hints(GateConfig)
+    unknown = sorted(str(k) for k in set(data) - set(hints))
+    if unknown:
+        raise ConfigError(f"{path}: unknown field {unknown[0][:40]!r} (allowed: {', '.join(hints)})")
+    values = {key: check_type(value, hints[key], f"{path}: {key}") for key, value in data.items()}
+    try:
+        return GateConfig(**values)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {one_line(exc, 200)}") from None
 
 
 def load_into(model: torch.nn.Module, weights: dict) -> None:
@@ -164,7 +251,9 @@ def load_into(model: torch.nn.Module, weights: dict) -> None:
 
 def train(config: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False,
           spec: specs.Spec | None = None, initial_weights: dict | None = None, log=None) -> dict:
-    """Sparse- or dense-train `config` into `run_dir`; returns the final metrics and paths."""
+    """Sparse- or dense-train `config` into `run_dir`; returns the final metrics and paths. Everything is
+    checked before the run directory is touched, which one process at a time writes (`run_lock`)."""
+    check_device(config.device)
     ctx = init_distributed(config.device)
     run_dir = Path(run_dir)
     torch.manual_seed(config.seed)
@@ -180,14 +269,15 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, force: b
     if initial_weights is not None:
         load_into(model, initial_weights)
     train_loader, eval_loaders = make_loaders(config, ctx)  # bad data is refused before the run directory is touched
-    prepare_run_dir(run_dir, config, resume=resume, force=force, is_main=ctx.is_main)
-    parts = build_method(model, config, input_size(config))
-    parts.callbacks.extend(budget)
-    trainer = Trainer(model, parts.optimizers, make_policy(config), train_loader, eval_loaders,
-                      epochs=config.epochs, run_dir=run_dir, callbacks=parts.callbacks, ctx=ctx,
-                      amp=config.amp, channels_last=config.channels_last,
-                      label_smoothing=config.label_smoothing, on_nan=config.on_nan, log=log)
-    history = trainer.fit(resume=resume)
-    if ctx.is_main:
-        save_final(run_dir / "final", spec, gates, trainer.model)
+    with run_lock(run_dir) if ctx.is_main else contextlib.nullcontext():
+        prepare_run_dir(run_dir, config, resume=resume, force=force, is_main=ctx.is_main)
+        parts = build_method(model, config, input_size(config))
+        parts.callbacks.extend(budget)
+        trainer = Trainer(model, parts.optimizers, make_policy(config), train_loader, eval_loaders,
+                          epochs=config.epochs, run_dir=run_dir, callbacks=parts.callbacks, ctx=ctx,
+                          amp=config.amp, channels_last=config.channels_last,
+                          label_smoothing=config.label_smoothing, on_nan=config.on_nan, log=log)
+        history = trainer.fit(resume=resume)
+        if ctx.is_main:
+            save_final(run_dir / "final", spec, gates, trainer.model)
     return {"history": history, "spec": spec, "gates": gates, "model": trainer.model, "run_dir": run_dir}

@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .errors import FileFormatError, read_json
+
 MAX_WIDTH = 65536
 MAX_LAYERS = 4096
 MAX_PARAMS = 10**9  # 4 GB of float32 weights, several times the largest ImageNet network
@@ -106,9 +108,9 @@ def save(spec: Spec, path: str | Path) -> None:
 def load(path: str | Path) -> Spec:
     """Read a spec file; any problem is a SpecError naming the file."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SpecError(f"{path}: not a readable JSON spec ({exc})") from None
+        data = read_json(path)
+    except FileFormatError as exc:
+        raise SpecError(f"{path}: not a readable JSON spec (the file {exc})") from None
     try:
         return from_dict(data)
     except SpecError as exc:
@@ -240,6 +242,27 @@ def validate(spec: Spec) -> None:
         if not block.has_branch and block.shortcut == "identity":
             raise SpecError(f"{where}.inner: a block without a branch and with an identity shortcut is a no-op; drop it")
         width = block.out
+
+
+def check_input_size(spec: Spec, size: int) -> None:
+    """Refuse a plain network whose kernels or pools do not fit a `size`×`size` input (e.g. VGG's five
+    2×2 pools on 28×28 images). A ResNet's strided convs and pools are padded: never below 1×1."""
+    if isinstance(spec, ResNetSpec):
+        return
+    side = size
+    for i, layer in enumerate(spec.layers):
+        where = f"spec.layers[{i}]"
+        if layer.kernel > side + 2 * layer.pad:
+            raise SpecError(f"{where}.kernel: a {layer.kernel}×{layer.kernel} kernel does not fit its {side}×{side} "
+                            f"input with padding {layer.pad} ({size}×{size} images)")
+        side = side + 2 * layer.pad - layer.kernel + 1
+        if layer.pool == "max2":
+            if side < 2:
+                raise SpecError(f"{where}.pool: a 2×2 pool leaves nothing of its {side}×{side} input "
+                                f"({size}×{size} images)")
+            side //= 2
+        elif layer.pool == "max3s2":  # 3×3, stride 2, padding 1
+            side = (side - 1) // 2 + 1
 
 
 def feature_width(spec: Spec) -> int:

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from prunekit.checkpoint import latest_checkpoint
+from prunekit.checkpoint import latest_checkpoint, load_checkpoint
 from prunekit.config import make_config
 from prunekit.data import ArrayDataset, BatchLoader
 from prunekit.distributed import DistContext
@@ -125,6 +125,49 @@ def test_an_epoch_with_every_step_skipped_stops_instead_of_logging_nothing(tmp_p
     with pytest.raises(TrainingError, match="every step of epoch 2 had a non-finite loss"):
         trainer.fit()
     assert trainer.skipped_steps == 4 and len(trainer.history) == 1
+
+
+def test_skipped_steps_leave_the_bn_statistics_as_they_were(tmp_path):
+    """Every step of epoch 2 is skipped: the statistics end as epoch 1's checkpoint holds them."""
+    trainer = tiny_setup(tmp_path, "none", callbacks=[PoisonLoss()], on_nan="skip")
+    with pytest.raises(TrainingError):
+        trainer.fit()
+    saved, _ = load_checkpoint(latest_checkpoint(tmp_path))
+    for name, buffer in trainer.model.named_buffers():
+        assert torch.equal(buffer, saved[name]), name
+
+
+class OverflowStatistics(Callback):
+    """Sets a running variance to inf in the forward of the given steps of epoch 2, under a finite loss
+    (as a huge step does), or at the end of epoch 2 when `steps` is None."""
+
+    def __init__(self, steps=None):
+        self.steps = steps
+
+    def loss_terms(self, trainer, logits, targets):
+        if trainer.epoch == 1 and self.steps is not None and trainer.step_in_epoch in self.steps:
+            trainer.model.features[0].bn.running_var[0] = float("inf")
+        return {}
+
+    def on_epoch_end(self, trainer, epoch):
+        if epoch == 1 and self.steps is None:
+            trainer.model.features[1].bn.running_var[0] = float("inf")
+
+
+def test_a_step_overflowing_the_statistics_under_a_finite_loss_is_skipped(tmp_path):
+    trainer = tiny_setup(tmp_path, "none", callbacks=[OverflowStatistics(steps={1})], on_nan="skip")
+    trainer.fit()
+    assert [h["skipped_steps"] for h in trainer.history] == [0, 1, 0]
+    assert all(torch.isfinite(b).all() for b in trainer.model.buffers() if b.is_floating_point())
+
+
+def test_non_finite_statistics_are_never_checkpointed(tmp_path):
+    trainer = tiny_setup(tmp_path, "none", callbacks=[OverflowStatistics()])
+    with pytest.raises(TrainingError, match=r"non-finite weights or statistics after epoch 2 \(features.1.bn.running_var\); "
+                                            r"last good checkpoint: .*epoch-0001"):
+        trainer.fit()
+    assert latest_checkpoint(tmp_path).name == "epoch-0001"
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_two_process_gloo_ddp_reduces_metrics_and_keeps_gates_identical(tmp_path):

@@ -10,6 +10,7 @@
 Trainings use a two-stage ResNet small enough that importing torch is most of a subprocess's time,
 and one thread everywhere, so that killed subprocesses and in-process resumes compute bit-identically.
 """
+import contextlib
 import copy
 import errno
 import gzip
@@ -23,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -40,8 +42,10 @@ from prunekit import spec as specs
 from prunekit.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from prunekit.cli import main
 from prunekit.compress import export
-from prunekit.config import Config, ConfigError, make_config
+from prunekit.config import CHOICES, Config, ConfigError, make_config, resolve
+from prunekit.methods import METHODS
 from prunekit.models import build
+from prunekit.runner import LOCK
 
 TINY_SPEC = {"family": "resnet", "block": "basic", "stem": 8, "in_channels": 1, "num_classes": 10,
              "stages": [[{"inner": [8], "out": 8}, {"inner": [8], "out": 8}],
@@ -112,14 +116,16 @@ def metrics_of(run: Path) -> list[dict]:
 
 
 def files_of(directory: Path) -> dict:
-    """Every file under `directory` with its bytes, to show that a refused command wrote nothing."""
-    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    """Every file under `directory` with its bytes, to show that a refused command wrote nothing (the lock
+    file aside: a refused writer may have held it, and it records the PID of its last holder)."""
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != LOCK}
 
 
 def assert_sound_run_dir(run: Path, epochs: int = EPOCHS) -> None:
     """Every file is complete and parses, one metrics line per epoch, no temporaries left behind."""
     for path in sorted(run.rglob("*")):
-        assert not path.name.startswith("."), f"left-over temporary {path}"
+        assert not path.name.startswith(".") or path == run / LOCK, f"left-over temporary {path}"
         if path.is_dir():
             continue
         if path.suffix == ".json":
@@ -128,6 +134,8 @@ def assert_sound_run_dir(run: Path, epochs: int = EPOCHS) -> None:
             load_file(path)
         elif path.name == "state.pt":
             torch.load(path, map_location="cpu", weights_only=True)
+        elif path == run / LOCK:
+            assert path.read_text().strip().isdigit(), "the lock holds its last holder's PID"
         elif path.name != "latest" and path.name != "metrics.jsonl":
             raise AssertionError(f"unexpected file {path}")
     epochs_logged = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -406,10 +414,20 @@ def test_unreadable_spec_file_is_named(tmp_path, capsys):
     ("on_nan: ignore\n", "on_nan must be one of ('stop', 'skip'), got 'ignore'"),
     ("lr: .nan\n", "lr: expected a finite number, got nan"),
     ("penalty: -.inf\n", "penalty: expected a finite number, got -inf"),
+    ("method: magic\n", "method must be one of ('none', 'sss', 'binary-gate', 'ista-bn', 'slimming', "
+                        "'epsilon-resnet'), got 'magic'"),
+    ("target_epoch_fraction: -2\n", "target_epoch_fraction must be in (0, 1], got -2.0"),
+    ("lr_schedule: {abc: 0.1}\n", "lr_schedule: 'abc' is not an epoch number in [0, 100000]"),
+    ("momentum: 0\n", "nesterov needs a momentum above 0"),
+    (b"lr: \xff\xfe 0.1\n", "not a readable recipe (the file is not UTF-8 text (byte 4: b'\\xff'))"),
+    ("lr_schedule: " + "[" * 900 + "]" * 900, "not a readable recipe (the file is nested more than 16 levels deep)"),
+    ("lr_schedule: " + "{a: " * 900 + "1" + "}" * 900, "nested more than 16 levels deep"),
+    ("lr_schedule: " + "[" * 100000 + "]" * 100000, "recipe.yaml: not "),  # valid YAML (libyaml), or readable
+    ("milestones: " + "[" * 17 + "]" * 17, "nested more than 16 levels deep"),
 ])
 def test_bad_recipes_name_the_file_and_field(tmp_path, capsys, train_args, content, message):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(content)
+    recipe.write_bytes(content if isinstance(content, bytes) else content.encode())
     out = tmp_path / "run"
     assert_refused(capsys, [*train_args(out), "--recipe", recipe], recipe, message)
     assert not out.exists()
@@ -420,6 +438,117 @@ def test_a_non_finite_number_on_the_command_line_is_refused(tmp_path, capsys, tr
     out = tmp_path / "run"
     assert_refused(capsys, [*train_args(out), flag, "nan"], flag.lstrip("-").replace("-", "_"), "finite number")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--method", "bogus"], "options: method must be one of ('none', 'sss', "),
+    (["--train-subset", -5], "options: train_subset must be in [1, ∞), got -5"),
+    (["--train-subset", 0], "options: train_subset must be in [1, ∞), got 0"),
+    (["--val-split", -1], "options: val_split must be in [0, ∞), got -1"),
+    (["--val-split", 999999], "val_split: 999999 would leave no training images (the training set has 96)"),
+    (["--val-split", 96], "val_split: 96 would leave no training images"),
+    (["--pad", -1], "options: pad must be in [0, 64], got -1"),
+    (["--seed", "1e30"], "argument --seed: invalid int value: '1e30'"),
+    (["--seed", -1], "options: seed must be in [0, 16777216), got -1"),
+    (["--label-smoothing", 5], "options: label_smoothing must be in [0, 1), got 5.0"),
+    (["--penalty", -1], "options: penalty must be in [0, 1e+06], got -1.0"),
+    (["--prune-percent", 150], "options: prune_percent must be in [0, 100], got 150.0"),
+    (["--lr", "1e308"], "options: lr must be in [0, 1000], got 1e+308"),
+    (["--device", "bogus"], "options: device must be auto, cpu, mps, cuda or cuda:N, got 'bogus'"),
+    (["--device", "cuda:99"], "device: cuda:99 asked for, but this machine has"),
+    (["--data", "bogus"], "unknown dataset 'bogus'"),
+    (["--model", "bogus"], "unknown model 'bogus'"),
+    (["--model", "vgg16"], "vgg16 on fashion-mnist: spec.layers[12].pool: a 2×2 pool leaves nothing of its 1×1 input"),
+    (["--target-epoch-fraction", -2], "options: target_epoch_fraction must be in (0, 1], got -2.0"),
+    (["--warmup-epochs", -5], "options: warmup_epochs must be in [0, 100000], got -5.0"),
+    (["--epsilon-start-epoch", -9], "options: epsilon_start_epoch must be in [0, 100000], got -9"),
+    (["--lr-schedule", "[" * 50000], "argument --lr-schedule: not a JSON mapping nested at most 16 deep"),
+    (["--lr-schedule", '{"0": 1e30}'], "options: lr_schedule must be in [0, 1000], got 1e+30"),
+    (["--data-dir", "a\0b"], "options: data_dir: 'a\\x00b' holds a NUL"),
+    (["--epochs"], "argument --epochs: expected one argument"),
+])
+def test_bad_options_are_refused_in_one_line_before_the_run_directory_exists(tmp_path, capsys, train_args, option,
+                                                                             message):
+    out = tmp_path / "run"
+    assert_refused(capsys, [*train_args(out), *option], message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["info", "train"])
+@pytest.mark.parametrize("layers, message", [
+    ([{"width": 4, "pool": "max2"}] * 6, "spec.layers[4].pool: a 2×2 pool leaves nothing of its 1×1 input"),
+    ([{"width": 4, "kernel": 15, "padding": 0}] * 3, "spec.layers[1].kernel: a 15×15 kernel does not fit its 14×14 "
+                                                     "input with padding 0"),
+])
+def test_a_convnet_that_does_not_fit_its_images_is_refused_before_building(tmp_path, capsys, train_args, command,
+                                                                            layers, message):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"family": "convnet", "in_channels": 1, "layers": layers}))
+    out = tmp_path / "run"
+    args = ["info", bad, "--image-size", 28] if command == "info" else [*train_args(out), "--model", bad]
+    assert_refused(capsys, args, message, "(28×28 images)")
+    assert not out.exists()
+
+
+def test_a_spec_nested_thousands_deep_is_refused(tmp_path, capsys, train_args):
+    bad = tmp_path / "deep.json"
+    bad.write_text("[" * 100000 + "]" * 100000)
+    for args in (["info", bad], [*train_args(tmp_path / "run"), "--model", bad]):
+        assert_refused(capsys, args, bad, "not a readable JSON spec (the file is nested more than 16 levels deep)")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "not the record of a run (the file is empty)"),
+    (b"\xff\xfe{", "not the record of a run (the file is not UTF-8 text (byte 0"),
+    (b'{"config": 3}', "holds no run configuration"),
+])
+def test_a_damaged_run_record_is_named_on_resume_and_compress(tmp_path, capsys, train_args, reference, content,
+                                                               message):
+    run = copy_run(reference, tmp_path)
+    (run / "config.json").write_bytes(content)
+    assert_refused(capsys, [*train_args(run), "--resume"], run / "config.json", message,
+                   "use --force to start the run over", untouched=run)
+    assert_refused(capsys, ["compress", run], run / "config.json", message, untouched=run)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "names no checkpoint (expected epoch-NNNN, got '')"),
+    (b"\xff\xfe", "names no checkpoint (the file is not UTF-8 text (byte 0"),
+    (b"../../elsewhere\n", "names no checkpoint (expected epoch-NNNN, got '../../elsewhere')"),
+])
+def test_a_damaged_latest_pointer_is_named_on_resume(tmp_path, capsys, train_args, reference, content, message):
+    run = copy_run(reference, tmp_path)
+    latest = run / "checkpoints" / "latest"
+    latest.write_bytes(content)
+    assert_refused(capsys, [*train_args(run), "--resume"], latest, message, untouched=run)
+
+
+@pytest.fixture(scope="module")
+def gated(one_thread, train_args, tmp_path_factory):
+    """A one-epoch binary-gate run: its final/gates.json has every field, a threshold among them."""
+    out = tmp_path_factory.mktemp("gated") / "run"
+    assert run_cli(*train_args(out), "--epochs", 1, "--method", "binary-gate", "--schedule", "constant") == 0
+    return out
+
+
+@pytest.mark.parametrize("field, text, message", [
+    ("threshold", '"abc"', "threshold: expected float, got str 'abc'"),
+    ("threshold", "NaN", "not a gate configuration (the file holds NaN where a number belongs)"),
+    ("threshold", "-Infinity", "not a gate configuration (the file holds -Infinity where a number belongs)"),
+    ("threshold", "1e400", "threshold: expected a finite number, got inf"),
+    ("channels", '"no"', "channels: expected bool, got str 'no'"),
+    ("blocks", '"no"', "blocks: expected bool, got str 'no'"),
+    ("kind", '"magic"', "gate kind must be one of"),
+    ("colour", "1", "unknown field 'colour'"),
+])
+def test_a_bad_gates_file_is_named_by_eval_and_compress(tmp_path, capsys, tiny_fmnist, gated, field, text, message):
+    run = copy_run(gated, tmp_path)
+    gates = run / "final" / "gates.json"
+    data = json.loads(gates.read_text())
+    gates.write_text(json.dumps({**data, field: "PLACEHOLDER"}).replace('"PLACEHOLDER"', text))
+    for args in (["eval", run, "--data-dir", tiny_fmnist], ["compress", run]):
+        assert_refused(capsys, args, gates, message, untouched=run)
 
 
 def truncate(path: Path) -> None:
@@ -608,6 +737,11 @@ def test_every_spec_field_with_every_extreme_value_is_a_spec_error():
                     pytest.fail(f"{path} = {value!r}: {exc!r}")
 
 
+def test_the_config_layer_knows_every_method():
+    """config.py lists the methods itself, so that it imports no model code; the lists must agree."""
+    assert CHOICES["method"] == METHODS
+
+
 def test_every_option_with_every_extreme_value_is_a_config_error():
     for key in CONFIG_KEYS:
         for value in EXTREME_VALUES:
@@ -617,6 +751,61 @@ def test_every_option_with_every_extreme_value_is_a_config_error():
                 pass
             except Exception as exc:
                 pytest.fail(f"{key} = {value!r}: {exc!r}")
+
+
+def nested(depth: int, key: str) -> str:
+    """A YAML recipe whose `key` holds lists `depth` deep."""
+    return f"{key}: " + "[" * depth + "]" * depth
+
+
+RECIPE_DOCUMENTS = st.one_of(
+    st.binary(max_size=40),
+    st.text(alphabet="[]{}:,-!&*|>'\"#\n abe01.", max_size=60).map(str.encode),
+    st.builds(lambda value: yaml.safe_dump(value).encode(), mutations(RECIPES, CONFIG_KEYS)),
+    st.builds(nested, st.integers(0, 20000), st.sampled_from(CONFIG_KEYS)).map(str.encode),
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(RECIPE_DOCUMENTS)
+def test_any_recipe_document_is_a_config_or_one_line_naming_the_file(tmp_path_factory, document):
+    recipe = tmp_path_factory.getbasetemp() / "fuzzed.yaml"
+    recipe.write_bytes(document)
+    try:
+        resolve(recipe, {})
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith(str(recipe)), exc
+
+
+OPTION_TEXTS = ["0", "1", "-1", "2", "0.5", "1e30", "1e308", "-1e308", "nan", "inf", "", "abc", "999999", "9" * 30,
+                "true", "{}", "[]", '{"0": 0.1}', '{"x": 1}', "[" * 3000, "\0", "\udcff", "sss", "epsilon-resnet",
+                "cuda", "cpu", "channels+blocks", "digits", "step"]
+CLI_OPTIONS = [f for f in fields(Config) if f.name != "epochs"]  # one epoch always, so that a valid value trains fast
+
+
+@st.composite
+def option_arguments(draw) -> list[str]:
+    """One command-line option (other than --epochs) with a value that may be anything."""
+    option = draw(st.sampled_from(CLI_OPTIONS))
+    flag = "--" + option.name.replace("_", "-")
+    if "bool" in str(option.type):
+        return [draw(st.sampled_from([flag, flag.replace("--", "--no-", 1)]))]
+    return [flag, draw(st.sampled_from(OPTION_TEXTS) | st.text(max_size=6))]
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(option_arguments())
+def test_any_option_value_trains_or_is_refused_in_one_line(tmp_path_factory, train_args, option):
+    """Exit status 0 (and a final model), or 2 with one line on stderr: never a traceback."""
+    out = Path(tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp())) / "run"
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        status = run_cli(*train_args(out), *option, "--epochs", 1)
+    lines = stderr.getvalue().splitlines()
+    if status == 0:
+        assert (out / "final" / "model.safetensors").exists(), option
+    else:
+        assert status == 2 and len(lines) == 1 and lines[0].startswith("prunekit train: error: "), (option, lines)
 
 
 # --- 3. loading never executes code ----------------------------------------------------------
@@ -653,24 +842,89 @@ def test_a_recipe_that_constructs_python_objects_is_refused_without_running(tmp_
 
 # --- 4. numerical faults ---------------------------------------------------------------------
 
-EXPLODING_LR = ["--schedule", "piecewise", "--lr-schedule", '{"0": 0.05, "1": 1e30}']
+EXPLODING_LR = ["--schedule", "piecewise", "--lr-schedule", '{"0": 0.05, "1": 1000}']  # the largest LR allowed
+EXPLODING_DECAY = [*EXPLODING_LR, "--weight-decay", 39]  # weights grow ×39000 a step: the loss overflows in epoch 2
+
+
+def assert_finite_checkpoint(run: Path, epoch: int) -> None:
+    """`latest` names the checkpoint of `epoch`, and every tensor it holds is finite."""
+    path = latest_checkpoint(run)
+    assert path.name == f"epoch-{epoch:04d}"
+    weights = load_file(path / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
 
 
 def test_non_finite_loss_names_the_step_and_the_last_good_checkpoint(tmp_path, capsys, train_args):
     out = tmp_path / "run"
-    line = assert_refused(capsys, [*train_args(out), *EXPLODING_LR], "non-finite loss", "at epoch 2, step ",
+    line = assert_refused(capsys, [*train_args(out), *EXPLODING_DECAY], "non-finite loss", "at epoch 2, step 5",
                           out / "checkpoints" / "epoch-0001", "--on-nan skip")
     assert latest_epoch(out) == 1 and len(metrics_of(out)) == 1, line
+    assert_finite_checkpoint(out, 1)
 
 
 def test_non_finite_steps_are_skipped_until_a_whole_epoch_diverges(tmp_path, capsys, train_args):
-    """Epoch 2 skips its non-finite steps and is logged; in epoch 3 every step is non-finite, which stops
-    the run rather than logging an epoch that trained on nothing."""
+    """Epoch 2 skips its non-finite steps (and their BN statistics) and is logged; in epoch 3 every step is
+    non-finite, which stops the run rather than logging an epoch that trained on nothing."""
     out = tmp_path / "run"
-    assert_refused(capsys, [*train_args(out), *EXPLODING_LR, "--on-nan", "skip"],
+    assert_refused(capsys, [*train_args(out), *EXPLODING_DECAY, "--on-nan", "skip"],
                    "every step of epoch 3 had a non-finite loss", "diverged")
-    assert [m["skipped_steps"] for m in metrics_of(out)] == [0, 5]
-    assert latest_epoch(out) == 2 and load_checkpoint(latest_checkpoint(out))[1]["skipped_steps"] == 5
+    assert [m["skipped_steps"] for m in metrics_of(out)] == [0, 4]
+    assert latest_epoch(out) == 2 and load_checkpoint(latest_checkpoint(out))[1]["skipped_steps"] == 4
+    assert_finite_checkpoint(out, 2)
+
+
+def test_statistics_overflowing_under_a_finite_loss_stop_at_the_last_finite_checkpoint(tmp_path, capsys, train_args):
+    """At LR 1000 the loss stays finite (BN renormalises) while the running variances overflow: the epoch's
+    checkpoint is refused and the one before it named."""
+    out = tmp_path / "run"
+    assert_refused(capsys, [*train_args(out), *EXPLODING_LR], "non-finite weights or statistics after epoch 2 (",
+                   "running_var", f"last good checkpoint: {out / 'checkpoints' / 'epoch-0001'}")
+    assert latest_epoch(out) == 1 and len(metrics_of(out)) == 1
+    assert_finite_checkpoint(out, 1)
+
+
+def test_a_diverged_run_writes_no_final_model_and_compress_says_so(tmp_path, capsys, train_args):
+    out = tmp_path / "run"
+    assert_refused(capsys, [*train_args(out), "--lr", 300, "--schedule", "constant", "--epochs", 1],
+                   "non-finite weights or statistics after epoch 1 (layer1.0.bn2.running_var", "none written yet")
+    assert not (out / "final").exists() and latest_checkpoint(out) is None
+    assert_refused(capsys, ["compress", out], out, "holds no trained model", untouched=out)
+
+
+def test_skipping_keeps_the_state_finite_and_overflowing_outputs_are_refused(tmp_path, capsys, train_args,
+                                                                            tiny_fmnist):
+    """--on-nan skip at LR 1000: what is written is finite, but the network's outputs overflow, which
+    compress and eval refuse rather than export or print."""
+    out = tmp_path / "run"
+    assert run_cli(*train_args(out), "--lr", 1000, "--schedule", "constant", "--epochs", 1, "--on-nan", "skip") == 0
+    final = load_file(out / "final" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in final.values() if w.is_floating_point())
+    assert_refused(capsys, ["compress", out], "logits on random inputs are not finite", untouched=out)
+    assert_refused(capsys, ["eval", out, "--data-dir", tiny_fmnist], "the test loss is not finite", untouched=out)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_never_used(tmp_path, capsys, tiny_fmnist, train_args, reference, value):
+    run = copy_run(reference, tmp_path)
+    weights = run / "final" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["layer1.0.bn2.running_var"][0] = value
+    save_file(tensors, weights)
+    for args in (["eval", run, "--data-dir", tiny_fmnist], ["compress", run],
+                 [*train_args(tmp_path / "tuned"), "--init", run]):
+        assert_refused(capsys, args, weights, "layer1.0.bn2.running_var hold NaN or inf", untouched=run)
+    assert not (run / "compressed").exists() and not (tmp_path / "tuned").exists()
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    spec = specs.from_dict(TINY_SPEC)
+    state = build(spec).state_dict()
+    state["fc.weight"][0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"model.safetensors: not written: fc.weight hold NaN or inf"):
+        export(tmp_path / "export", spec, state, {})
+    with pytest.raises(CheckpointError, match=r"epoch-0001: not written: fc.weight hold NaN or inf"):
+        save_checkpoint(tmp_path, 1, state, {"epoch": 1})
+    assert not list((tmp_path / "export").iterdir()) and not list((tmp_path / "checkpoints").iterdir())
 
 
 def test_a_diverged_penalty_is_not_exported_as_an_empty_network(tmp_path, capsys, diverged):

@@ -52,3 +52,36 @@ def test_stage_with_no_blocks_left_is_valid():
     spec = zoo_spec("resnet20")
     spec.stages[0] = []
     S.validate(spec)
+
+
+@pytest.mark.parametrize("name, size, message", [
+    ("vgg16", 28, "spec.layers[12].pool: a 2×2 pool leaves nothing of its 1×1 input"),  # 28 14 7 3 1 → 0
+    ("cnn4", 8, "spec.layers[3].kernel: a 4×4 kernel does not fit its 1×1 input with padding 0"),  # 8 4 2 1
+])
+def test_a_convnet_too_deep_for_its_images_is_refused(name, size, message):
+    with pytest.raises(S.SpecError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        S.check_input_size(zoo_spec(name), size)
+
+
+@pytest.mark.parametrize("layers", [
+    [S.ConvLayerSpec(2, 5, pool="max3s2"), S.ConvLayerSpec(2, 5, pool="max3s2"), S.ConvLayerSpec(2, 3, pool="max3s2"),
+     S.ConvLayerSpec(2, 4, padding=0)],  # cnn4's layout, narrow
+    [S.ConvLayerSpec(2, pool="max2")] * 3 + [S.ConvLayerSpec(2, 7, padding=1, pool="max2")],
+])
+def test_the_sizes_accepted_are_those_the_network_can_run(layers):
+    import torch
+    from prunekit.models import build
+
+    model = build(S.ConvNetSpec(layers, in_channels=1)).eval()
+    for size in range(1, 41):
+        try:
+            S.check_input_size(model.spec, size)
+            accepted = True
+        except S.SpecError:
+            accepted = False
+        try:
+            model(torch.zeros(1, 1, size, size))
+            runs = True
+        except RuntimeError:
+            runs = False
+        assert accepted == runs, size

@@ -163,8 +163,8 @@ def test_a_step_overflowing_the_statistics_under_a_finite_loss_is_skipped(tmp_pa
 
 def test_non_finite_statistics_are_never_checkpointed(tmp_path):
     trainer = tiny_setup(tmp_path, "none", callbacks=[OverflowStatistics()])
-    with pytest.raises(TrainingError, match=r"non-finite weights or statistics after epoch 2 \(features.1.bn.running_var\); "
-                                            r"last good checkpoint: .*epoch-0001"):
+    with pytest.raises(TrainingError, match=r"non-finite weights or statistics after epoch 2 "
+                                            r"\(features.1.bn.running_var\); last good checkpoint: .*epoch-0001"):
         trainer.fit()
     assert latest_checkpoint(tmp_path).name == "epoch-0001"
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1

@@ -45,7 +45,7 @@ from prunekit.compress import export
 from prunekit.config import CHOICES, Config, ConfigError, make_config, resolve
 from prunekit.methods import METHODS
 from prunekit.models import build
-from prunekit.runner import LOCK
+from prunekit.runner import LOCK, run_lock
 
 TINY_SPEC = {"family": "resnet", "block": "basic", "stem": 8, "in_channels": 1, "num_classes": 10,
              "stages": [[{"inner": [8], "out": 8}, {"inner": [8], "out": 8}],
@@ -458,7 +458,7 @@ def test_a_non_finite_number_on_the_command_line_is_refused(tmp_path, capsys, tr
     (["--device", "cuda:99"], "device: cuda:99 asked for, but this machine has"),
     (["--data", "bogus"], "unknown dataset 'bogus'"),
     (["--model", "bogus"], "unknown model 'bogus'"),
-    (["--model", "vgg16"], "vgg16 on fashion-mnist: spec.layers[12].pool: a 2×2 pool leaves nothing of its 1×1 input"),
+    (["--model", "vgg16"], "vgg16 on fashion-mnist: spec.layers[12].pool: a 2×2 pool leaves nothing of its 1×1"),
     (["--target-epoch-fraction", -2], "options: target_epoch_fraction must be in (0, 1], got -2.0"),
     (["--warmup-epochs", -5], "options: warmup_epochs must be in [0, 100000], got -5.0"),
     (["--epsilon-start-epoch", -9], "options: epsilon_start_epoch must be in [0, 100000], got -9"),
@@ -594,6 +594,60 @@ def test_a_directory_holding_another_run_is_refused(tmp_path, capsys, train_args
     assert run_cli(*train_args(run), "--lr", 0.05, "--force") == 0
     assert json.loads((run / "config.json").read_text())["config"]["lr"] == 0.05
     assert_sound_run_dir(run)
+
+
+def test_force_clears_the_old_runs_artifacts_first(tmp_path, train_args, reference):
+    run = copy_run(reference, tmp_path)
+    assert run_cli("compress", run) == 0
+    assert run_cli(*train_args(run), "--lr", 0.05, "--epochs", 2, "--force") == 0
+    assert not (run / "compressed").exists(), "the old run's export outlived it"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002", "latest"]
+    assert_sound_run_dir(run, epochs=2)
+
+
+def test_a_second_writer_is_refused_naming_the_first(start, tmp_path, capsys, train_args):
+    out, stalled = tmp_path / "run", tmp_path / "stalled"
+    process = start(train_args(out), "stall-in-epoch:2", PRUNEKIT_STALLED=str(stalled))
+    assert wait_for(stalled.exists, process), (tmp_path / "stderr").read_text()
+    message = f"{out}: in use by another prunekit process (PID {process.pid})"
+    assert_refused(capsys, [*train_args(out), "--resume"], message, untouched=out)
+    assert_refused(capsys, [*train_args(out), "--force"], message, untouched=out)
+    process.kill()
+    process.wait(timeout=60)
+    assert run_cli(*train_args(out), "--resume") == 0, "the kernel releases a killed holder's lock"
+
+
+@pytest.mark.parametrize("command", ["stages", "run", "finetune", "scratch"])
+def test_every_command_that_writes_a_run_takes_its_lock(tmp_path, capsys, train_args, reference, command):
+    out = tmp_path / "out"
+    exported = tmp_path / "export"
+    assert run_cli("compress", copy_run(reference, tmp_path), "--out", exported) == 0
+    common = [*train_args(out)[1:], "--epochs", 1]
+    args = {"stages": ["stages", *common, "--method", "ista-bn", "--stage-penalties", 0, "--stage-epochs", 1,
+                       "--stage-lrs", 0.1],
+            "run": ["run", *common],
+            "finetune": ["finetune", exported, *common],
+            "scratch": ["scratch", exported, *common]}[command]
+    with run_lock(out):
+        assert_refused(capsys, args, f"{out}: in use by another prunekit process (PID {os.getpid()})")
+    assert [p.name for p in out.iterdir()] == [LOCK]
+
+
+def test_compress_writes_only_over_an_export_of_the_same_run(tmp_path, capsys, reference, diverged):
+    run = copy_run(reference, tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert_refused(capsys, ["compress", run, "--out", other], other, f"holds something other than an export of {run}",
+                   "--force", untouched=other)
+    assert run_cli("compress", run, "--out", other, "--force") == 0
+    assert json.loads((other / "card.json").read_text())["source"] == str(run)
+    assert (other / "notes.txt").read_text() == "mine", "--force writes the export's files, never deletes others"
+    assert run_cli("compress", run, "--out", other) == 0, "an export of the same run may be replaced"
+    another = copy_run(diverged, tmp_path / "another")
+    assert_refused(capsys, ["compress", another, "--out", other], "holds something other than", untouched=other)
+    (tmp_path / "file").write_text("")
+    assert_refused(capsys, ["compress", run, "--out", tmp_path / "file"], "is a file, not an export directory")
 
 
 def full_disk_in_epoch_2(save):

@@ -15,7 +15,18 @@ from .errors import MAX_NESTING, check_nesting, one_line
 MAX_IMAGE_SIZE = 4096  # info and export build a zero input of this side
 
 OPTION_HELP = {
-    "model": "zoo name (resnet20, preresnet110, resnet50, vgg16, cnn4, ...) or a spec .json file",
+    "model": "zoo name (resnet20, preresnet110, resnet50, resnext29_8x64d, vgg16, cnn4, ...), a spec .json file, "
+             "or torchvision:NAME (resnet18–152, resnext50_32x4d, resnext101_32x8d, wide_resnet50_2/101_2)",
+    "weights": "initial weights: a state_dict file, .pth (loaded with weights_only) or .safetensors, e.g. "
+               "torchvision's; a classifier for another class count is left out",
+    "teacher": "distil from this run or export (Hinton KD on the logits) during training",
+    "kd_weight": "weight of the distillation term (with --teacher)",
+    "kd_temperature": "softmax temperature of the distillation term (with --teacher)",
+    "rewind": "LR rewinding (Renda et al.): follow the last --epochs epochs of the schedule of a run of this many "
+              "epochs",
+    "compile": "torch.compile the training forward pass",
+    "sync_bn": "under torchrun: synchronise BatchNorm statistics across processes",
+    "batch_size": "per process: under torchrun the global batch is this × the number of processes (logged)",
     "data": "fashion-mnist, mnist, cifar10, cifar100, svhn, digits or imagenet",
     "method": "none, sss, binary-gate, ista-bn, slimming or epsilon-resnet",
     "penalty": "the method's L1 strength (APG γ, ISTA ρ, slimming s)",

@@ -46,12 +46,19 @@ class Config:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     init: str | None = None
+    weights: str | None = None
+    teacher: str | None = None
+    kd_weight: float = 1.0
+    kd_temperature: float = 4.0
+    rewind: int | None = None
     # execution
     seed: int = 0
     device: str = "auto"
     amp: bool = False
     channels_last: bool = False
     num_workers: int = 2
+    compile: bool = False
+    sync_bn: bool = False
     on_nan: str = "stop"
     # sparsity method
     method: str = "none"
@@ -132,7 +139,8 @@ RANGES = {
     "gamma_rescale": Range(1 / MAX_FACTOR, MAX_FACTOR), "weight_average": FRACTION, "stage_penalties": FACTOR,
     "stage_epochs": EPOCHS, "stage_lrs": LR, "target_macs": Range(0, math.inf, low_open=True),
     "target_params": Range(0, math.inf, low_open=True), "target_epoch_fraction": Range(0, 1, low_open=True),
-    "sparse_epochs": EPOCHS, "finetune_epochs": EPOCHS, "finetune_lr": LR,
+    "sparse_epochs": EPOCHS, "finetune_epochs": EPOCHS, "finetune_lr": LR, "kd_weight": FACTOR,
+    "kd_temperature": Range(0, 1000, low_open=True), "rewind": EPOCHS,
 }
 SCHEDULE_EPOCHS = Range(0, MAX_EPOCHS)  # the keys of lr_schedule and lr_restart_schedule
 
@@ -248,6 +256,9 @@ def make_config(values: dict, source: str = "config") -> Config:
         raise ConfigError(f"{source}: stage_penalties, stage_epochs (whole epochs ≥ 1) and stage_lrs need one "
                           f"value per stage each, got {len(config.stage_penalties)}, {len(config.stage_epochs)} "
                           f"and {len(config.stage_lrs)}")
+    if config.rewind is not None and config.rewind < config.epochs:
+        raise ConfigError(f"{source}: rewind: the original schedule's {config.rewind} epochs cannot hold a "
+                          f"{config.epochs}-epoch rewound run")
     if config.extra_data and config.data != "svhn":
         raise ConfigError(f"{source}: extra_data: only SVHN has an extra split, not {_show(config.data)}")
     if config.nesterov and config.momentum == 0:

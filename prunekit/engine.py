@@ -86,7 +86,8 @@ class Trainer:
     def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], policy: LRPolicy,
                  train_loader, eval_loaders: dict, *, epochs: int, run_dir: str | Path | None = None,
                  callbacks=(), ctx: DistContext | None = None, amp: bool = False, channels_last: bool = False,
-                 label_smoothing: float = 0.0, on_nan: str = "stop", check_every: int = 50, log=None):
+                 label_smoothing: float = 0.0, on_nan: str = "stop", check_every: int = 50, log=None,
+                 compile: bool = False):
         self.ctx = ctx or DistContext()
         on_cuda = self.ctx.device.type == "cuda"
         if on_cuda:
@@ -99,6 +100,8 @@ class Trainer:
         if self.ctx.enabled:
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             self.forward_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if compile:  # the training forward only; evaluation and callbacks use the eager model
+            self.forward_model = torch.compile(self.forward_model)
         self.optimizers, self.policy = optimizers, policy
         self.train_loader, self.eval_loaders = train_loader, eval_loaders
         self.epochs, self.callbacks = epochs, list(callbacks)

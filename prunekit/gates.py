@@ -190,8 +190,8 @@ GATE_TYPES = (ScaleGate, BinaryGate, EpsilonGate)
 def gated_batch_norm(bn: nn.BatchNorm2d, gate: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`gate(bn(x))` in one batch-norm call when the gate is a per-channel factor g: BN's affine
     becomes (γ·g, β·g), saving a full pass over the activation in both directions."""
-    if not isinstance(gate, (ScaleGate, BinaryGate)):
-        return gate(bn(x))
+    if not isinstance(gate, (ScaleGate, BinaryGate)) or isinstance(bn, nn.SyncBatchNorm):
+        return gate(bn(x))  # a synchronised BN computes its statistics itself
     g = gate.multiplier()
     if g.numel() == 1:
         g = g.expand(bn.num_features)

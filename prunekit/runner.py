@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import os
+import pickle
 import platform
 import shutil
 import subprocess
@@ -32,7 +34,7 @@ from .distributed import DistContext, init_distributed
 from .engine import Trainer
 from .errors import FileFormatError, one_line, read_json
 from .gates import GateConfig
-from .methods import build_method, gate_config, side_head_position
+from .methods import Distillation, build_method, gate_config, side_head_position
 from .models import build, zoo_spec
 from .schedule import make_policy
 
@@ -76,10 +78,37 @@ def check_device(preference: str) -> None:
         raise ConfigError("device: mps asked for, but this machine has no Apple GPU")
 
 
+TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+                      "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2")
+
+
+def read_state_dict(path: str | Path, num_classes: int) -> dict:
+    """A state_dict file (.pth/.pt with weights_only=True, or .safetensors), e.g. torchvision's weights; a
+    classifier for another class count is left out, so the run's head starts fresh for its own data."""
+    path = Path(path)
+    try:
+        weights = (load_weights(path) if path.suffix == ".safetensors"
+                   else torch.load(path, map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        raise ConfigError(f"{path}: not a readable state_dict ({one_line(exc, 200)})") from None
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ConfigError(f"{path}: not a state_dict (a mapping of names to tensors)")
+    head = weights.get("fc.weight")
+    if head is not None and head.shape[0] != num_classes:
+        weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
+    return weights
+
+
 def model_spec(config: Config) -> specs.Spec:
     """The spec named by `config.model`: a zoo name or a spec JSON file, fitted to the dataset."""
     info = dataset_info(config.data)
-    if config.model.endswith(".json"):
+    if config.model.startswith("torchvision:"):
+        name = config.model.split(":", 1)[1]
+        if name not in TORCHVISION_MODELS:
+            raise ConfigError(f"model: {config.model!r}: torchvision models prunekit imports are "
+                              f"{', '.join('torchvision:' + n for n in TORCHVISION_MODELS)}")
+        spec = zoo_spec(name, num_classes=info["num_classes"], in_channels=info["in_channels"])
+    elif config.model.endswith(".json"):
         spec = specs.load(config.model)
         if spec.in_channels != info["in_channels"] or spec.num_classes != info["num_classes"]:
             raise ConfigError(f"{config.model}: spec has {spec.in_channels} input channels and {spec.num_classes} "
@@ -112,10 +141,14 @@ def make_loaders(config: Config, ctx: DistContext):
     common = {"device": ctx.device, "seed": config.seed, "rank": ctx.rank, "world_size": ctx.world_size,
               "channels_last": config.channels_last}
     if config.data == "imagenet":
-        train = make_loader("imagenet", config.data_dir, "train", config.batch_size, train=True,
-                            subset=config.train_subset, num_workers=config.num_workers, **common)
-        test = make_loader("imagenet", config.data_dir, "val", config.batch_size, train=False,
-                           num_workers=config.num_workers, **common)
+        if ctx.device.type == "cuda":  # JPEGs decoded and augmented on the GPU (prunekit.jpeg)
+            from .jpeg import DeviceJpegLoader as folder_loader
+        else:
+            folder_loader = functools.partial(make_loader, "imagenet")
+        train = folder_loader(config.data_dir, "train", config.batch_size, train=True, subset=config.train_subset,
+                              num_workers=config.num_workers, **common)
+        test = folder_loader(config.data_dir, "val", config.batch_size, train=False,
+                             num_workers=config.num_workers, **common)
         return train, {"test": test}
     mean, std = DATASET_STATS[config.data]
     train_set = load_dataset(config.data, config.data_dir, "train")
@@ -236,15 +269,16 @@ def load_gates(path: Path) -> GateConfig:
         raise ConfigError(f"{path}: {one_line(exc, 200)}") from None
 
 
-def load_into(model: torch.nn.Module, weights: dict) -> None:
-    """Load plain weights into a possibly gated model: only gate and side-head entries may be missing."""
+def load_into(model: torch.nn.Module, weights: dict, optional: tuple[str, ...] = ()) -> None:
+    """Load plain weights into a possibly gated model: only gate and side-head entries, and those whose
+    names start with `optional` (e.g. a classifier left out for another class count), may be missing."""
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as exc:
         from .errors import one_line
 
         raise ConfigError(f"initial weights do not fit the model ({one_line(exc, 200)})") from None
-    missing = [k for k in missing if ".gate" not in k and not k.startswith("side_head.")]
+    missing = [k for k in missing if ".gate" not in k and not k.startswith(("side_head.", *optional))]
     if missing or unexpected:
         raise ConfigError(f"initial weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
@@ -266,17 +300,30 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, force: b
         from .compress import load_any
 
         initial_weights = load_any(config.init)[0].state_dict()
+    if initial_weights is None and config.weights:
+        initial_weights = read_state_dict(config.weights, spec.num_classes)
     if initial_weights is not None:
-        load_into(model, initial_weights)
+        load_into(model, initial_weights, optional=("fc.",) if config.weights else ())
+    if config.sync_bn and ctx.enabled:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    teacher = None
+    if config.teacher:
+        from .compress import load_any
+
+        teacher = Distillation(load_any(config.teacher)[0], config.kd_weight, config.kd_temperature)
     train_loader, eval_loaders = make_loaders(config, ctx)  # bad data is refused before the run directory is touched
     with run_lock(run_dir) if ctx.is_main else contextlib.nullcontext():
         prepare_run_dir(run_dir, config, resume=resume, force=force, is_main=ctx.is_main)
         parts = build_method(model, config, input_size(config))
-        parts.callbacks.extend(budget)
+        parts.callbacks.extend(budget + ([teacher] if teacher else []))
         trainer = Trainer(model, parts.optimizers, make_policy(config), train_loader, eval_loaders,
                           epochs=config.epochs, run_dir=run_dir, callbacks=parts.callbacks, ctx=ctx,
                           amp=config.amp, channels_last=config.channels_last,
-                          label_smoothing=config.label_smoothing, on_nan=config.on_nan, log=log)
+                          label_smoothing=config.label_smoothing, on_nan=config.on_nan, log=log,
+                          compile=config.compile)
+        if ctx.enabled and ctx.is_main:
+            trainer.log(f"global batch {config.batch_size * ctx.world_size} ({ctx.world_size} processes × "
+                        f"--batch-size {config.batch_size})")
         history = trainer.fit(resume=resume)
         if ctx.is_main:
             save_final(run_dir / "final", spec, gates, trainer.model)

@@ -5,6 +5,7 @@ metrics to `on_epoch_end`, so a policy such as ε-ResNet's adaptive restart can 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 
@@ -121,7 +122,10 @@ class RewoundPolicy(LRPolicy):
 
 
 def make_policy(config) -> LRPolicy:
-    """The policy a Config asks for."""
+    """The policy a Config asks for; with `config.rewind`, the last `epochs` of that schedule over `rewind` epochs."""
+    if config.rewind is not None:
+        original = make_policy(dataclasses.replace(config, epochs=config.rewind, rewind=None))
+        return RewoundPolicy(original, config.epochs)
     if config.schedule == "onecycle":
         return OneCyclePolicy(config.lr, config.epochs)
     if config.schedule == "cosine":

@@ -54,3 +54,43 @@ def test_a_loop_with_the_sparsifier_matches_prunekit_train(tmp_path, tiny_fmnist
         sparsifier.end_epoch()
     for (name, a), (_, b) in zip(cli.state_dict().items(), net.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_torchvision_model_and_weights_files_start_a_run(tmp_path):
+    """`--model torchvision:resnet18 --weights FILE` on 10-class data: torchvision's .pth or .safetensors
+    weights load (its 1000-class head is left out for the data's own), anything else is one line."""
+    import torchvision
+    from safetensors.torch import save_file
+
+    from prunekit.config import ConfigError
+    from prunekit.runner import load_into, read_state_dict
+
+    reference = torchvision.models.resnet18()
+    torch.save(reference.state_dict(), tmp_path / "r18.pth")
+    save_file(reference.state_dict(), tmp_path / "r18.safetensors")
+    spec = model_spec(make_config({"model": "torchvision:resnet18", "data": "cifar10"}))
+    assert (spec.num_classes, spec.in_channels) == (10, 3)
+    for name in ("r18.pth", "r18.safetensors"):
+        model = build(spec)
+        load_into(model, read_state_dict(tmp_path / name, spec.num_classes), optional=("fc.",))
+        assert torch.equal(model.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    with pytest.raises(ConfigError, match="torchvision models prunekit imports are"):
+        model_spec(make_config({"model": "torchvision:resnet20", "data": "cifar10"}))
+    (tmp_path / "junk.pth").write_bytes(b"not a pickle")
+    with pytest.raises(ConfigError, match="junk.pth: not a readable state_dict"):
+        read_state_dict(tmp_path / "junk.pth", 10)
+
+
+def test_distillation_and_rewinding_from_the_command_line(tmp_path, tiny_fmnist):
+    from prunekit.cli import main
+
+    common = ["--model", "resnet20", "--data-dir", str(tiny_fmnist), "--epochs", "1", "--batch-size", "32"]
+    assert main(["train", *common, "--out", str(tmp_path / "teacher")]) == 0
+    assert main(["train", *common, "--out", str(tmp_path / "plain"), "--seed", "1"]) == 0
+    assert main(["train", *common, "--out", str(tmp_path / "kd"), "--seed", "1", "--teacher", str(tmp_path / "teacher"),
+                 "--kd-weight", "5"]) == 0
+    loss = {name: float((tmp_path / name / "metrics.jsonl").read_text().split('"train_loss": ')[1].split(",")[0])
+            for name in ("plain", "kd")}
+    assert loss["kd"] > loss["plain"]  # the same steps, plus 5 · T² · KL to the teacher
+    policy = make_policy(make_config({"epochs": 3, "rewind": 10, "schedule": "step", "milestones": [5, 8]}))
+    assert [policy.lr_at(e) for e in (0, 1, 2)] == pytest.approx([0.01, 0.001, 0.001])

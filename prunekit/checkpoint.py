@@ -66,6 +66,19 @@ def check_finite(tensors: dict, path: str | Path) -> None:
                              f"lower the learning rate or penalty)", _describe(bad))
 
 
+def free_space(path: str | Path) -> str:
+    """The room left on the disk holding `path`, for write errors: it tells a full disk from other failures
+    (torch reports a full disk as "unexpected pos 6336 vs 6256")."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return "free space unknown"
+    return f"{stats.f_bavail * stats.f_frsize // 1024} KiB free on its disk"
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -111,7 +124,7 @@ def save_weights(state_dict: dict, path: str | Path, metadata: dict | None = Non
         try:
             save_file(tensors, tmp, metadata=metadata)
         except SafetensorError as exc:  # e.g. a full disk, reported from safetensors' Rust side
-            raise CheckpointError(f"{path}: cannot be written ({one_line(exc, 200)})") from None
+            raise CheckpointError(f"{path}: cannot be written ({one_line(exc, 200)}; {free_space(path)})") from None
 
     atomic_write(path, write)
 
@@ -152,7 +165,8 @@ def save_checkpoint(run_dir: str | Path, epoch: int, model_state: dict, state: d
     except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         reason = " ".join((getattr(exc, "strerror", None) or str(exc)).split())[:200]
-        raise CheckpointError(f"{final}: cannot be written ({reason}); the previous checkpoint is intact") from None
+        raise CheckpointError(f"{final}: cannot be written ({reason}; {free_space(root)}); the previous checkpoint "
+                              f"is intact") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -34,6 +34,7 @@ import torch
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import prunekit
@@ -697,6 +698,55 @@ def test_full_disk_during_training_is_one_line_and_resumable(tmp_path, capsys, m
     assert run_cli(*train_args(out), "--resume") == 0
     assert_sound_run_dir(out)
     assert_same_run(out, reference)
+
+
+FULL_DISK = "Error while serializing: I/O error: No space left on device (os error 28)"  # safetensors' words
+
+
+def full_disk_in(folder: str):
+    """safetensors' `save_file`, failing as on a full disk for files written into a folder named `folder`*."""
+    real_save_file = checkpoint.save_file
+
+    def save_file(tensors, path, *args, **kwargs):
+        if Path(path).parent.name.startswith(folder):
+            raise SafetensorError(FULL_DISK)
+        return real_save_file(tensors, path, *args, **kwargs)
+    return save_file
+
+
+def test_full_disk_while_writing_the_final_model_is_one_line_and_resumable(tmp_path, capsys, monkeypatch,
+                                                                           train_args, reference):
+    out = tmp_path / "run"
+    monkeypatch.setattr(checkpoint, "save_file", full_disk_in("final"))
+    assert_refused(capsys, train_args(out), out / "final" / "model.safetensors", "No space left on device",
+                   "KiB free on its disk")
+    monkeypatch.undo()
+    assert latest_epoch(out) == EPOCHS and not (out / "final" / "model.safetensors").exists()
+    assert not [p for p in (out / "final").iterdir() if p.name.startswith(".")], "a temporary was left behind"
+    assert run_cli(*train_args(out), "--resume") == 0
+    assert_sound_run_dir(out)
+    assert_same_run(out, reference)
+
+
+def test_full_disk_while_exporting_leaves_the_previous_export_whole(tmp_path, capsys, monkeypatch, reference):
+    run = copy_run(reference, tmp_path)
+    assert run_cli("compress", run) == 0
+    monkeypatch.setattr(checkpoint, "save_file", full_disk_in(".export-"))
+    assert_refused(capsys, ["compress", run], "model.safetensors: cannot be written", "No space left on device",
+                   untouched=run)
+    assert sorted(p.name for p in (run / "compressed").iterdir()) == ["card.json", "card.md", "model.safetensors",
+                                                                      "spec.json"]
+
+
+def test_full_disk_while_writing_a_report_is_one_line(tmp_path, capsys, monkeypatch, reference):
+    from matplotlib.figure import Figure
+
+    def savefig(self, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    assert_refused(capsys, ["report", reference, "--out", tmp_path / "report"], "No space left on device",
+                   tmp_path / "report", untouched=reference)
 
 
 EXTREME_VALUES = [0, -1, 2**63, 10**400, -(10**400), float("inf"), float("nan"), "", "resnet", True, None, [], {},

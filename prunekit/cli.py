@@ -25,6 +25,7 @@ OPTION_HELP = {
     "rewind": "LR rewinding (Renda et al.): follow the last --epochs epochs of the schedule of a run of this many "
               "epochs",
     "compile": "torch.compile the training forward pass",
+    "num_workers": "image-folder loader processes (default: the cores this process may use, minus one, at most 16)",
     "sync_bn": "under torchrun: synchronise BatchNorm statistics across processes",
     "batch_size": "per process: under torchrun the global batch is this × the number of processes (logged)",
     "data": "fashion-mnist, mnist, cifar10, cifar100, svhn, digits or imagenet",

@@ -56,7 +56,7 @@ class Config:
     device: str = "auto"
     amp: bool = False
     channels_last: bool = False
-    num_workers: int = 2
+    num_workers: int | None = None
     compile: bool = False
     sync_bn: bool = False
     on_nan: str = "stop"

@@ -135,20 +135,25 @@ def default_augmentation(config: Config) -> tuple[int, bool]:
     return pad, flip
 
 
+def loader_workers() -> int:
+    """Image-folder loader processes by default: every core this process may use but one, at most 16."""
+    return max(1, min(len(os.sched_getaffinity(0)) - 1, 16))
+
+
 def make_loaders(config: Config, ctx: DistContext):
     """Training loader and evaluation loaders ({'test': ..., 'val': ...})."""
     pad, flip = default_augmentation(config)
     common = {"device": ctx.device, "seed": config.seed, "rank": ctx.rank, "world_size": ctx.world_size,
               "channels_last": config.channels_last}
     if config.data == "imagenet":
+        workers = config.num_workers if config.num_workers is not None else loader_workers()
         if ctx.device.type == "cuda":  # JPEGs decoded and augmented on the GPU (prunekit.jpeg)
             from .jpeg import DeviceJpegLoader as folder_loader
         else:
             folder_loader = functools.partial(make_loader, "imagenet")
         train = folder_loader(config.data_dir, "train", config.batch_size, train=True, subset=config.train_subset,
-                              num_workers=config.num_workers, **common)
-        test = folder_loader(config.data_dir, "val", config.batch_size, train=False,
-                             num_workers=config.num_workers, **common)
+                              num_workers=workers, **common)
+        test = folder_loader(config.data_dir, "val", config.batch_size, train=False, num_workers=workers, **common)
         return train, {"test": test}
     mean, std = DATASET_STATS[config.data]
     train_set = load_dataset(config.data, config.data_dir, "train")

@@ -154,3 +154,16 @@ def test_no_training_step_synchronizes_the_gpu(tmp_path, method):
     """torch's own sync detector agrees with tests/test_device.py: 8 steps synchronize as often as 4."""
     four, eight = synchronizations(tmp_path, method, 64), synchronizations(tmp_path, method, 128)
     assert len(eight) == len(four) >= EPOCH_READS, "\n".join(eight)
+
+
+@pytest.mark.parametrize("method", ["sss", "epsilon-resnet"])
+def test_torchrun_with_nccl_trains_and_logs_the_global_batch(tmp_path, tiny_fmnist, method):
+    """`torchrun --nproc_per_node=1` on the GPU (NCCL, DDP, synchronised BN), then an exact compression."""
+    out = tmp_path / "ddp"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "-m", "prunekit.cli",
+                           *map(str, ["train", *TINY, "--epochs", 2, "--data-dir", tiny_fmnist, "--device", "cuda",
+                                      "--method", method, *METHOD_OPTIONS[method], "--sync-bn", "--out", out])],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "global batch 32 (1 processes × --batch-size 32)" in done.stdout
+    assert run_cli("compress", out) == 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -170,7 +171,10 @@ def cmd_run(args) -> int:
 def cmd_finetune(args) -> int:
     from .protocols import finetune
 
-    result = finetune(args.path, _config(args), args.out, resume=args.resume, force=args.force)
+    # `prunekit finetune --epochs E --lr L` means the fine-tuning's own epochs and LR
+    explicit = {"finetune_epochs": args.epochs, "finetune_lr": args.lr}  # validated as --epochs and --lr
+    config = dataclasses.replace(_config(args), **{k: v for k, v in explicit.items() if v is not None})
+    result = finetune(args.path, config, args.out, resume=args.resume, force=args.force)
     print(f"fine-tuned {args.out}: test accuracy {result['history'][-1]['test_acc']:.4f}")
     return 0
 

@@ -156,3 +156,14 @@ def test_missing_data_and_existing_run_are_refused(tmp_path, tiny_fmnist, capsys
     assert run_cli("train", *TINY, "--epochs", "1", "--data-dir", tiny_fmnist, "--out", out) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (out / "final" / "model.safetensors").read_bytes() == before
+
+
+def test_finetune_honours_epochs_and_lr(tmp_path, tiny_fmnist):
+    out = tmp_path / "sss"
+    assert run_cli("train", *TINY, "--data-dir", tiny_fmnist, "--method", "sss", "--target-macs", "0.6",
+                   "--schedule", "constant", "--out", out) == 0
+    assert run_cli("compress", out) == 0
+    assert run_cli("finetune", out / "compressed", "--data-dir", tiny_fmnist, "--epochs", "3", "--lr", "0.05",
+                   "--batch-size", "32", "--out", tmp_path / "ft") == 0
+    record = json.loads((tmp_path / "ft" / "config.json").read_text())["config"]
+    assert (record["epochs"], record["lr"]) == (3, 0.05)

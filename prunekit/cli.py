@@ -212,6 +212,7 @@ def cmd_export(args) -> int:
     from .compress import load_any
 
     model, spec = load_any(args.path)
+    specs.check_input_size(spec, args.image_size)
     try:
         import onnx  # noqa: F401  (torch.onnx needs it to write the file)
     except ImportError:

@@ -276,6 +276,10 @@ def max_logit_difference(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
 # --- export and loading ----------------------------------------------------------------------
 
 
+EXPORT_FILES = ("model.safetensors", "spec.json", "card.md", "card.json")
+STAGING = ".export-"  # the folder an export is written into before its files are renamed into place
+
+
 def export(directory: str | Path, spec: specs.Spec, state_dict: dict, card: dict) -> Path:
     """spec.json + model.safetensors + card.json/card.md: loads with `prunekit.load`, no pickle.
 
@@ -284,15 +288,15 @@ def export(directory: str | Path, spec: specs.Spec, state_dict: dict, card: dict
     whole. A folder staged by a killed export is removed by the next one."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob(".export-*"):
+    for stale in directory.glob(STAGING + "*"):
         shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(dir=directory, prefix=".export-"))
+    staging = Path(tempfile.mkdtemp(dir=directory, prefix=STAGING))
     try:
         save_weights(state_dict, staging / "model.safetensors")
         atomic_write_json(staging / "spec.json", specs.to_dict(spec))
         atomic_write_text(staging / "card.md", card_markdown(card))
         atomic_write_json(staging / "card.json", card)
-        for name in ("model.safetensors", "spec.json", "card.md", "card.json"):
+        for name in EXPORT_FILES:  # the card last: an export with a card is complete
             os.replace(staging / name, directory / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -360,21 +364,25 @@ def relative_logit_difference(gated: nn.Module, compressed: nn.Module, x: torch.
 
 
 def _check_export_target(directory: Path, run: Path) -> None:
-    """An export may replace only an export of the same run (card.json's "source"), or nothing."""
+    """An export may replace only an export of the same run (card.json's "source"), one a killed export
+    left without its card, or nothing: a directory holding any other file is refused."""
     if not directory.exists():
         return
     if not directory.is_dir():
         raise CompressionError(f"{directory}: is a file, not an export directory; choose another --out")
-    if not any(directory.iterdir()):
-        return
-    try:
-        card = read_json(directory / "card.json")
-    except FileFormatError:
-        card = None
-    source = card.get("source") if isinstance(card, dict) else None
-    if not (isinstance(source, str) and (source == str(run) or Path(source).resolve() == run.resolve())):
-        raise CompressionError(f"{directory}: holds something other than an export of {run}; use --force to write "
-                               f"the export there anyway, or choose another --out")
+    foreign = [p.name for p in directory.iterdir() if p.name not in EXPORT_FILES and not p.name.startswith(STAGING)]
+    source = None
+    if (directory / "card.json").exists():
+        try:
+            card = read_json(directory / "card.json")
+        except FileFormatError:
+            card = None
+        source = card.get("source") if isinstance(card, dict) else None
+        if not (isinstance(source, str) and (source == str(run) or Path(source).resolve() == run.resolve())):
+            foreign.append("card.json")
+    if foreign:
+        raise CompressionError(f"{directory}: holds something other than an export of {run} ({foreign[0]}); use "
+                               f"--force to write the export there anyway, or choose another --out")
 
 
 def compress_run(path: str | Path, out: str | Path | None = None, *, method: str | None = None,

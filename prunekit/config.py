@@ -196,6 +196,7 @@ def check_type(value, hint, where: str):
 
 
 def _is_path_text(text: str) -> bool:
+    """Whether a file name can hold `text` (no NUL; encodable for the file system)."""
     try:
         os.fsencode(text)
     except UnicodeEncodeError:

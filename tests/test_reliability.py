@@ -42,7 +42,7 @@ from prunekit import checkpoint
 from prunekit import spec as specs
 from prunekit.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from prunekit.cli import main
-from prunekit.compress import export
+from prunekit.compress import EXPORT_FILES, export
 from prunekit.config import CHOICES, Config, ConfigError, make_config, resolve
 from prunekit.methods import METHODS
 from prunekit.models import build
@@ -163,84 +163,20 @@ def latest_epoch(run: Path) -> int:
 
 # --- 1. a kill at any moment -----------------------------------------------------------------
 
-FAULT_DRIVER = r'''
-"""`prunekit` with the fault named by PRUNEKIT_FAULT injected (see tests/test_reliability.py)."""
-import io
-import os
-import signal
-import sys
-import time
-from pathlib import Path
-
-import torch
-
-from prunekit import engine
-from prunekit.cli import main
-
-# A shell runs background jobs with SIGINT ignored and Python then installs no KeyboardInterrupt
-# handler; restore it so that Ctrl-C reaches prunekit as it does in a terminal.
-signal.signal(signal.SIGINT, signal.default_int_handler)
-
-kind, _, where = os.environ.get("PRUNEKIT_FAULT", "").partition(":")
-
-
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-if kind == "kill-before-rename":  # NAME@K: die just before the K-th rename onto a file or folder NAME
-    name, count = where.split("@")
-    renamed, real_replace = [], os.replace
-
-    def replace(source, destination):
-        if Path(destination).name == name:
-            renamed.append(destination)
-            if len(renamed) == int(count):
-                die()
-        real_replace(source, destination)
-
-    os.replace = replace  # prunekit.checkpoint renames through os.replace
-elif kind == "kill-mid-write":  # E: die with half of epoch E's state.pt written
-    real_save = torch.save
-
-    def save(obj, path, *args, **kwargs):
-        if isinstance(obj, dict) and obj.get("epoch") == int(where):
-            buffer = io.BytesIO()
-            real_save(obj, buffer)
-            with open(path, "wb") as f:
-                f.write(buffer.getvalue()[: buffer.tell() // 2])
-                f.flush()
-                os.fsync(f.fileno())
-            die()
-        real_save(obj, path, *args, **kwargs)
-
-    torch.save = save
-elif kind == "stall-in-epoch":  # E: touch $PRUNEKIT_STALLED at the start of epoch E and wait there
-    real_train_epoch = engine.Trainer.train_epoch
-
-    def train_epoch(self):
-        if self.epoch + 1 == int(where):
-            Path(os.environ["PRUNEKIT_STALLED"]).touch()
-            time.sleep(120)
-        return real_train_epoch(self)
-
-    engine.Trainer.train_epoch = train_epoch
-sys.exit(main(sys.argv[1:]))
-'''
+FAULTS = Path(prunekit.__file__).parents[1] / "bench" / "faults.py"  # its `child` mode injects the faults
 
 
 @pytest.fixture
 def start(tmp_path):
-    """Start `prunekit ARGS` (through the fault driver) with output to files in tmp_path; killed if left running."""
+    """Start `prunekit ARGS` with a fault injected (bench/faults.py child), output to files in tmp_path;
+    killed if left running."""
     processes = []
 
     def launch(args: list, fault: str = "", **env) -> subprocess.Popen:
-        driver = tmp_path / "driver.py"
-        driver.write_text(FAULT_DRIVER)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNEKIT_FAULT": fault, **env}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
         with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
-            processes.append(subprocess.Popen([sys.executable, driver, *map(str, args)], env=env, stdout=stdout,
-                                              stderr=stderr))
+            processes.append(subprocess.Popen([sys.executable, FAULTS, "child", fault, *map(str, args)], env=env,
+                                              stdout=stdout, stderr=stderr))
         return processes[-1]
 
     yield launch
@@ -475,7 +411,7 @@ def test_bad_options_are_refused_in_one_line_before_the_run_directory_exists(tmp
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command", ["info", "train"])
+@pytest.mark.parametrize("command", ["info", "train", "export"])
 @pytest.mark.parametrize("layers, message", [
     ([{"width": 4, "pool": "max2"}] * 6, "spec.layers[4].pool: a 2×2 pool leaves nothing of its 1×1 input"),
     ([{"width": 4, "kernel": 15, "padding": 0}] * 3, "spec.layers[1].kernel: a 15×15 kernel does not fit its 14×14 "
@@ -486,7 +422,11 @@ def test_a_convnet_that_does_not_fit_its_images_is_refused_before_building(tmp_p
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"family": "convnet", "in_channels": 1, "layers": layers}))
     out = tmp_path / "run"
-    args = ["info", bad, "--image-size", 28] if command == "info" else [*train_args(out), "--model", bad]
+    args = {"info": ["info", bad, "--image-size", 28], "train": [*train_args(out), "--model", bad],
+            "export": ["export", tmp_path / "export", "--onnx", out, "--image-size", 28]}[command]
+    if command == "export":  # an export of the spec (writing one checks no image size), then an ONNX at 28×28
+        spec = specs.load(bad)
+        export(tmp_path / "export", spec, build(spec).state_dict(), {})
     assert_refused(capsys, args, message, "(28×28 images)")
     assert not out.exists()
 
@@ -634,6 +574,19 @@ def test_every_command_that_writes_a_run_takes_its_lock(tmp_path, capsys, train_
     assert [p.name for p in out.iterdir()] == [LOCK]
 
 
+@pytest.mark.parametrize("fault", ["kill-before-rename:model.safetensors@1", "kill-before-rename:card.json@1"])
+def test_an_export_killed_while_renaming_is_redone_by_the_next_compress(start, tmp_path, tiny_fmnist, reference,
+                                                                        fault):
+    """A killed export leaves its staging folder (and, before its card, some new files): the next compress
+    of the same run writes it whole."""
+    run = copy_run(reference, tmp_path)
+    process = start(["compress", run], fault)
+    assert process.wait(timeout=60) == -signal.SIGKILL, (tmp_path / "stderr").read_text()
+    assert run_cli("compress", run) == 0
+    assert sorted(p.name for p in (run / "compressed").iterdir()) == sorted(EXPORT_FILES)
+    assert run_cli("eval", run / "compressed", "--data-dir", tiny_fmnist) == 0
+
+
 def test_compress_writes_only_over_an_export_of_the_same_run(tmp_path, capsys, reference, diverged):
     run = copy_run(reference, tmp_path)
     other = tmp_path / "other"
@@ -644,9 +597,12 @@ def test_compress_writes_only_over_an_export_of_the_same_run(tmp_path, capsys, r
     assert run_cli("compress", run, "--out", other, "--force") == 0
     assert json.loads((other / "card.json").read_text())["source"] == str(run)
     assert (other / "notes.txt").read_text() == "mine", "--force writes the export's files, never deletes others"
-    assert run_cli("compress", run, "--out", other) == 0, "an export of the same run may be replaced"
+    exported = tmp_path / "exported"
+    assert run_cli("compress", run, "--out", exported) == 0
+    assert run_cli("compress", run, "--out", exported) == 0, "an export of the same run may be replaced"
     another = copy_run(diverged, tmp_path / "another")
-    assert_refused(capsys, ["compress", another, "--out", other], "holds something other than", untouched=other)
+    assert_refused(capsys, ["compress", another, "--out", exported], "holds something other than an export of "
+                   f"{another} (card.json)", untouched=exported)
     (tmp_path / "file").write_text("")
     assert_refused(capsys, ["compress", run, "--out", tmp_path / "file"], "is a file, not an export directory")
 
@@ -884,7 +840,8 @@ def test_any_recipe_document_is_a_config_or_one_line_naming_the_file(tmp_path_fa
 OPTION_TEXTS = ["0", "1", "-1", "2", "0.5", "1e30", "1e308", "-1e308", "nan", "inf", "", "abc", "999999", "9" * 30,
                 "true", "{}", "[]", '{"0": 0.1}', '{"x": 1}', "[" * 3000, "\0", "\udcff", "sss", "epsilon-resnet",
                 "cuda", "cpu", "channels+blocks", "digits", "step"]
-CLI_OPTIONS = [f for f in fields(Config) if f.name != "epochs"]  # one epoch always, so that a valid value trains fast
+# One epoch always, so that a valid value trains fast; compiling takes a minute and has nothing to validate.
+CLI_OPTIONS = [f for f in fields(Config) if f.name not in ("epochs", "compile")]
 
 
 @st.composite

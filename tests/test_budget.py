@@ -140,3 +140,24 @@ def test_budgeted_run_resumed_before_or_after_its_freeze_ends_with_identical_wei
     resumed.fit(resume=True)
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("method", ["slimming", "epsilon-resnet"])
+def test_slimming_and_epsilon_budgets_resume_exactly(tmp_path, method):
+    """The ε controller's scale and frozen ε, and slimming's end-of-training prune, survive a kill."""
+    from test_engine import StopAt
+
+    def budgeted(run_dir, *stop):
+        trainer = tiny_setup(run_dir, method, epochs=5, prune_percent=None)
+        config = make_config({"method": method, "target_macs": 0.6})
+        trainer.callbacks += [*budget_callbacks(trainer.model, trainer.model.spec, config, (1, 8, 8)), *stop]
+        return trainer
+
+    straight = budgeted(tmp_path / "a")
+    straight.fit()
+    with pytest.raises(KeyboardInterrupt):
+        budgeted(tmp_path / "b", StopAt(4)).fit()
+    resumed = budgeted(tmp_path / "b")
+    resumed.fit(resume=True)
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -56,7 +56,7 @@ class StopAt(Callback):
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("method", ["none", "sss", "ista-bn"])
+@pytest.mark.parametrize("method", ["none", "sss", "binary-gate", "ista-bn", "slimming", "epsilon-resnet"])
 def test_interrupted_then_resumed_run_ends_with_identical_weights(tmp_path, method):
     straight = tiny_setup(tmp_path / "a", method)
     straight.fit()

@@ -611,9 +611,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/faults")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kills", type=int, default=8, help="random kill -9 times during training")
-    parser.add_argument("--options", type=int, default=120, help="random option values")
-    parser.add_argument("--recipes", type=int, default=120, help="random recipe documents")
+    parser.add_argument("--kills", type=int, default=12, help="random kill -9 times during training")
+    parser.add_argument("--options", type=int, default=300, help="random option values")
+    parser.add_argument("--recipes", type=int, default=300, help="random recipe documents")
     args = parser.parse_args()
     import torch
 

@@ -163,10 +163,10 @@ class Trainer:
         step whose loss was still finite) stops the run instead, the previous checkpoint kept."""
         if self.run_dir is None or not self.ctx.is_main:
             return
-        last = latest_checkpoint(self.run_dir)
         try:
             save_checkpoint(self.run_dir, self.epoch, self.model.state_dict(), self.state())
-        except NonFiniteError as exc:
+        except NonFiniteError as exc:  # refused before anything was written: `latest` names the last good one
+            last = latest_checkpoint(self.run_dir)
             raise TrainingError(f"non-finite weights or statistics after epoch {self.epoch} ({exc.tensors}); last "
                                 f"good checkpoint: {last if last else 'none written yet'} (lower the learning rate "
                                 f"or penalty, or use --on-nan skip)") from None

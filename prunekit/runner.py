@@ -280,8 +280,6 @@ def load_into(model: torch.nn.Module, weights: dict, optional: tuple[str, ...] =
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as exc:
-        from .errors import one_line
-
         raise ConfigError(f"initial weights do not fit the model ({one_line(exc, 200)})") from None
     missing = [k for k in missing if ".gate" not in k and not k.startswith(("side_head.", *optional))]
     if missing or unexpected:

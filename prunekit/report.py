@@ -16,13 +16,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import torch  # noqa: E402
 
+from .config import ConfigError  # noqa: E402
 from .pipeline import load_rows, report_table  # noqa: E402
 from .runner import load_final  # noqa: E402
 
 
 def read_metrics(run: Path) -> list[dict]:
+    """The run's metrics.jsonl; a damaged line is a ConfigError naming the file and line."""
     path = run / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: line {number} is not JSON ({exc.msg})") from None
+    return rows
 
 
 def _training_runs(directory: Path) -> list[Path]:

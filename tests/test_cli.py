@@ -167,3 +167,11 @@ def test_finetune_honours_epochs_and_lr(tmp_path, tiny_fmnist):
                    "--batch-size", "32", "--out", tmp_path / "ft") == 0
     record = json.loads((tmp_path / "ft" / "config.json").read_text())["config"]
     assert (record["epochs"], record["lr"]) == (3, 0.05)
+
+
+def test_report_names_a_damaged_metrics_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n{bad\n')
+    assert run_cli("report", run, "--out", tmp_path / "report") == 2
+    assert "metrics.jsonl: line 2 is not JSON" in capsys.readouterr().err

@@ -50,10 +50,9 @@ def _fold_gates(model: nn.Module) -> None:
     with torch.no_grad():
         for g in [*model.channel_groups(), *_cardinality_groups(model)]:
             if isinstance(g.gate, (ScaleGate, BinaryGate)):
-                bn = g.bn if hasattr(g, "bn") else _block_bn(g.block, 2)
                 f = g.gate.factor()
-                bn.weight.mul_(f)
-                bn.bias.mul_(f)
+                g.bn.weight.mul_(f)
+                g.bn.bias.mul_(f)
         for _, _, block in getattr(model, "residual_blocks", lambda: [])():
             gate = getattr(block, "gate", None)
             if isinstance(gate, (ScaleGate, BinaryGate)):

@@ -42,6 +42,11 @@ class CardinalityGroups:
     def count(self) -> int:
         return self.block.conv2.groups
 
+    @property
+    def bn(self) -> nn.BatchNorm2d:
+        """The BN of the grouped conv's output, which the group factors scale."""
+        return getattr(self.block, "bn3" if self.block.preact else "bn2")
+
 
 class ConstantInputBias(nn.Module):
     """What a conv outputs for a constant input under zero padding: per output channel, its k×k tap

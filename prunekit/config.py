@@ -55,7 +55,7 @@ class Config:
     seed: int = 0
     device: str = "auto"
     amp: bool = False
-    channels_last: bool = False
+    channels_last: bool = True  # FM-R20 on this 2-core CPU: 366 vs 296 img/s dense, 444 vs 319 SSS
     num_workers: int | None = None
     compile: bool = False
     sync_bn: bool = False

@@ -28,7 +28,7 @@ def test_the_readme_example_runs(capsys):
                                              ("epsilon-resnet", {"epsilon": 0.5, "schedule": "constant"})])
 def test_a_loop_with_the_sparsifier_matches_prunekit_train(tmp_path, tiny_fmnist, method, options):
     values = {"model": "resnet20", "data_dir": str(tiny_fmnist), "epochs": 2, "batch_size": 32, "lr": 0.05,
-              "method": method, **options}
+              "method": method, "channels_last": False, **options}  # the loop below feeds NCHW batches
     config = make_config(values)
     cli = train(config, tmp_path / "cli", log=lambda m: None)["model"]
 

@@ -917,7 +917,7 @@ def assert_finite_checkpoint(run: Path, epoch: int) -> None:
 
 def test_non_finite_loss_names_the_step_and_the_last_good_checkpoint(tmp_path, capsys, train_args):
     out = tmp_path / "run"
-    line = assert_refused(capsys, [*train_args(out), *EXPLODING_DECAY], "non-finite loss", "at epoch 2, step 5",
+    line = assert_refused(capsys, [*train_args(out), *EXPLODING_DECAY], "non-finite loss", "at epoch 2, step 6",
                           out / "checkpoints" / "epoch-0001", "--on-nan skip")
     assert latest_epoch(out) == 1 and len(metrics_of(out)) == 1, line
     assert_finite_checkpoint(out, 1)

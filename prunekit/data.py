@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import pickle
 import zlib
 from dataclasses import dataclass
@@ -49,11 +50,15 @@ _DATASET_INFO: dict[str, dict[str, int]] = {
 _DEFAULT_ROOTS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
 
 
-def dataset_info(name: str) -> dict[str, int]:
-    """Input channels, class count and image side length of a named dataset, for building models."""
+def dataset_info(name: str, root: str | Path | None = None) -> dict[str, int]:
+    """Input channels, class count and image side length of a named dataset, for building models; an
+    image folder at `root` has as many classes as class folders (no forced 1000-class head)."""
     if name not in _DATASET_INFO:
         raise DataError(f"unknown dataset {name!r} (known: {', '.join(_DATASET_INFO)})")
-    return dict(_DATASET_INFO[name])
+    info = dict(_DATASET_INFO[name])
+    if name == "imagenet" and root is not None:
+        info["num_classes"] = len(image_folder_classes(root))
+    return info
 
 
 def _check_label_range(labels: torch.Tensor, num_classes: int, source: object) -> None:
@@ -521,6 +526,51 @@ def _unwrap_worker_message(error: DataError) -> str:
     return last_line[len(prefix):] if last_line.startswith(prefix) else last_line
 
 
+_FOLDER_LAYOUT = "expected ImageNet-style class folders root/{train,val}/<class>/<image>"
+
+
+def image_folder_classes(root: str | Path) -> list[str]:
+    """The class names of an ImageNet-style folder: root/train's subfolders, sorted (torchvision's order)."""
+    folder = Path(root) / "train"
+    try:
+        classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    except OSError as error:
+        raise DataError(f"{folder}: image folder not readable ({one_line(error)}) ({_FOLDER_LAYOUT})") from None
+    if not classes:
+        raise DataError(f"{folder}: no class folders ({_FOLDER_LAYOUT})")
+    return classes
+
+
+def open_image_folder(root: str | Path, split: str, **kwargs):
+    """torchvision's ImageFolder over root/train or root/val (alias test), with `kwargs`; val's classes
+    must be train's, or a class folder missing from one would shift every later label."""
+    from torchvision import datasets  # deferred: importing torchvision is slow
+
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train' or 'val' (alias 'test'), got {split!r}")
+    folder = Path(root) / ("train" if split == "train" else "val")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: image folder not found ({_FOLDER_LAYOUT})")
+    try:
+        images = datasets.ImageFolder(str(folder), **kwargs)
+    except OSError as error:  # ImageFolder raises FileNotFoundError for empty folders
+        raise DataError(f"{folder}: no usable images ({one_line(error)}) ({_FOLDER_LAYOUT})") from None
+    if split != "train" and (Path(root) / "train").is_dir():
+        train_classes = image_folder_classes(root)
+        if images.classes != train_classes:
+            differing = sorted(set(images.classes) ^ set(train_classes))
+            raise DataError(f"{folder}: its class folders differ from {Path(root) / 'train'}'s "
+                            f"({len(images.classes)} vs {len(train_classes)}; e.g. {differing[0][:60]!r})")
+    return images
+
+
+def subset_indices(n: int, size: int, seed: int) -> list[int]:
+    """`size` of `n` sample positions drawn with `seed`, in order: in a class-sorted image folder the
+    subset spans the classes, where the first `size` files would all be class 0."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return sorted(order[:size].tolist())
+
+
 class ImageFolderLoader:
     """ImageNet-style `root/{train,val}/<class>/<image>` streamed by a DataLoader.
 
@@ -543,14 +593,8 @@ class ImageFolderLoader:
         drop_last: bool | None = None,
         channels_last: bool = False,
     ):
-        from torchvision import datasets, transforms  # deferred: importing torchvision is slow
+        from torchvision import transforms  # deferred: importing torchvision is slow
 
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split must be 'train' or 'val' (alias 'test'), got {split!r}")
-        folder = Path(root) / ("train" if split == "train" else "val")
-        expected = "expected ImageNet-style class folders root/{train,val}/<class>/<image>"
-        if not folder.is_dir():
-            raise DataError(f"{folder}: image folder not found ({expected})")
         mean, std = DATASET_STATS["imagenet"]
         if train:
             crop = [transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip()]
@@ -559,15 +603,10 @@ class ImageFolderLoader:
         transform = transforms.Compose(
             [*crop, transforms.ToTensor(), transforms.Normalize(mean, std)]
         )
-        try:
-            images = datasets.ImageFolder(str(folder), transform=transform, loader=_load_rgb_image)
-        except OSError as error:  # ImageFolder raises FileNotFoundError for empty folders
-            raise DataError(
-                f"{folder}: no usable images ({one_line(error)}) ({expected})"
-            ) from None
+        images = open_image_folder(root, split, transform=transform, loader=_load_rgb_image)
         self.num_classes = len(images.classes)
         if subset is not None:
-            images = torch.utils.data.Subset(images, range(min(subset, len(images))))
+            images = torch.utils.data.Subset(images, subset_indices(len(images), subset, seed))
         self.dataset = images
         self.device = torch.device(device)
         self.seed, self.rank, self.world_size = seed, rank, world_size

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import DATASET_STATS, DataError, ImageFolderLoader, _epoch_seed
+from .data import DATASET_STATS, DataError, ImageFolderLoader, _epoch_seed, open_image_folder, subset_indices
 from .errors import one_line
 
 JPEG_MAGIC = b"\xff\xd8"
@@ -83,21 +83,11 @@ class DeviceJpegLoader(ImageFolderLoader):
                  device: str | torch.device = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_workers: int = 2, subset: int | None = None, channels_last: bool = False,
                  size: int = 224):
-        from torchvision import datasets
-
-        folder = Path(root) / ("train" if split == "train" else "val")
-        expected = "expected ImageNet-style class folders root/{train,val}/<class>/<image>"
-        if not folder.is_dir():
-            raise DataError(f"{folder}: image folder not found ({expected})")
-        try:
-            found = datasets.ImageFolder(str(folder), loader=lambda path: path)
-        except OSError as error:
-            raise DataError(f"{folder}: no usable images ({one_line(error)}) ({expected})") from None
+        found = open_image_folder(root, split, loader=lambda path: path)
         self.num_classes = len(found.classes)
         samples = found.samples
-        if subset is not None:  # a seeded draw across classes, not the first files of a class-sorted list
-            order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
-            samples = [samples[i] for i in sorted(order[:subset].tolist())]
+        if subset is not None:
+            samples = [samples[i] for i in subset_indices(len(samples), subset, seed)]
         self.dataset = EncodedImages(samples)
         self.device, self.train, self.size = torch.device(device), train, size
         self.seed, self.rank, self.world_size = seed, rank, world_size

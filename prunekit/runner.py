@@ -100,8 +100,9 @@ def read_state_dict(path: str | Path, num_classes: int) -> dict:
 
 
 def model_spec(config: Config) -> specs.Spec:
-    """The spec named by `config.model`: a zoo name or a spec JSON file, fitted to the dataset."""
-    info = dataset_info(config.data)
+    """The spec named by `config.model`: a zoo name or a spec JSON file, fitted to the dataset (an image
+    folder's class count is its class folders')."""
+    info = dataset_info(config.data, config.data_dir)
     if config.model.startswith("torchvision:"):
         name = config.model.split(":", 1)[1]
         if name not in TORCHVISION_MODELS:

@@ -591,6 +591,38 @@ def test_image_folder_train_is_reproducible_and_sharded(image_folder_root):
     assert [len(s) for s in shards] == [1, 1, 1] and all(len(lab) == 2 for lab in labels)
 
 
+def test_image_folder_class_count_comes_from_its_folders(image_folder_root):
+    root, _ = image_folder_root
+    (root / "train" / "cow").mkdir()
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(root / "train" / "cow" / "0.png")
+    assert dataset_info("imagenet", root)["num_classes"] == 3
+    assert dataset_info("imagenet")["num_classes"] == 1000  # no folder to count: ImageNet's
+
+
+def test_image_folder_subset_is_a_seeded_draw_across_classes(image_folder_root):
+    root, _ = image_folder_root
+
+    def labels(seed):
+        loader = ImageFolderLoader(root, "train", 4, train=False, seed=seed, subset=4, num_workers=0)
+        return [loader.dataset.dataset.targets[i] for i in loader.dataset.indices], loader.dataset.indices
+
+    (first, chosen), (again, chosen_again) = labels(0), labels(0)
+    assert chosen == chosen_again == sorted(chosen) and len(chosen) == 4
+    assert set(first) == {0, 1}  # the first 4 files of the class-sorted list would all be class 0
+    assert any(labels(seed)[1] != chosen for seed in range(1, 5))
+
+
+def test_a_validation_folder_whose_classes_differ_from_training_is_refused(image_folder_root):
+    root, _ = image_folder_root
+    for image in (root / "val" / "ant").iterdir():
+        image.unlink()
+    (root / "val" / "ant").rmdir()
+    with pytest.raises(DataError) as error:
+        ImageFolderLoader(root, "val", 2, train=False, num_workers=0)
+    message = _assert_one_line_naming(error, root / "val")
+    assert "class folders differ" in message and "'ant'" in message
+
+
 def test_image_folder_missing(tmp_path):
     with pytest.raises(DataError) as error:
         make_loader("imagenet", tmp_path, "train", 2, train=True)

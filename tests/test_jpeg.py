@@ -60,3 +60,12 @@ def test_a_corrupt_jpeg_is_one_line_naming_the_file(jpeg_folder):
     with pytest.raises(DataError) as error:
         list(loader)
     assert str(bad) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_device_loader_draws_the_same_subset_as_the_pil_loader(jpeg_folder):
+    from prunekit.data import ImageFolderLoader
+
+    device = DeviceJpegLoader(jpeg_folder, "train", 4, train=True, num_workers=0, subset=5, seed=7)
+    pil = ImageFolderLoader(jpeg_folder, "train", 4, train=True, num_workers=0, subset=5, seed=7)
+    assert device.dataset.samples == [pil.dataset.dataset.samples[i] for i in pil.dataset.indices]
+    assert device.num_classes == pil.num_classes == 3

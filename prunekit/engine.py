@@ -6,13 +6,12 @@ optimizers (one per parameter group, e.g. SGD for weights and APG for gates) sha
 
 A training step never waits for the GPU: losses, correct counts and the non-finite flag add up on the
 device, and the host reads them every `check_every` steps and at the end of the epoch
-(tests/test_device.py counts these reads).
+(tests/test_device.py counts these reads). Live progress (`progress.Progress`) shows only those reads.
 """
 from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from .checkpoint import (CheckpointError, NonFiniteError, atomic_write_text, lat
                          may_be_infinite, save_checkpoint)
 from .distributed import DistContext, all_reduce
 from .errors import one_line
+from .progress import Progress
 from .schedule import LRPolicy
 
 
@@ -87,7 +87,7 @@ class Trainer:
                  train_loader, eval_loaders: dict, *, epochs: int, run_dir: str | Path | None = None,
                  callbacks=(), ctx: DistContext | None = None, amp: bool = False, channels_last: bool = False,
                  label_smoothing: float = 0.0, on_nan: str = "stop", check_every: int = 50, log=None,
-                 compile: bool = False):
+                 compile: bool = False, progress: Progress | None = None):
         self.ctx = ctx or DistContext()
         on_cuda = self.ctx.device.type == "cuda"
         if on_cuda:
@@ -115,6 +115,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.skipped_steps = 0
         self.log = log or (lambda msg: print(msg, flush=True))
+        self.progress = progress or Progress(epochs, self.log, run_dir=self.run_dir, enabled=self.ctx.is_main)
 
     # --- state -------------------------------------------------------------------------------
 
@@ -206,16 +207,14 @@ class Trainer:
         clean_steps = self._zero()  # steps before the first non-finite loss
         seen, skipped_before = 0, self.skipped_steps
         start = time.perf_counter()
-        batches, bar = self.train_loader, None
-        if self.ctx.is_main and sys.stderr.isatty():
-            from tqdm import tqdm
-            batches = bar = tqdm(batches, total=steps, desc=f"epoch {self.epoch + 1}/{self.epochs}", leave=False)
+        self.progress.start_epoch(self.epoch, steps)
         skip = self.on_nan == "skip"
         named = list(self.model.named_buffers()) if skip else []  # BN statistics: a skipped step must not move them
         buffers, checked = [b for _, b in named], [b for name, b in named if not may_be_infinite(name)]
-        for self.step_in_epoch, (x, y) in enumerate(batches):
+        for self.step_in_epoch, (x, y) in enumerate(self.train_loader):
             x, y = self._prepare(x, y)
             lr = self.set_lr(self.epoch + self.step_in_epoch / steps)
+            self.progress.step(self.step_in_epoch, lr)
             before = [b.clone() for b in buffers]
             with self._autocast():
                 logits = self.forward_model(x)
@@ -247,8 +246,7 @@ class Trainer:
             seen += y.numel()
             if (self.step_in_epoch + 1) % self.check_every == 0 and self.step_in_epoch + 1 < steps:
                 running_loss, running_seen = self._read(steps, clean, clean_steps, loss_sum, seen)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{running_loss / running_seen:.4g}", refresh=False)
+                self.progress.read(self.step_in_epoch + 1, running_loss / max(running_seen, 1), running_seen)
         loss_sum, seen, correct = self._read(steps, clean, clean_steps, loss_sum, seen, correct)
         if seen == 0:
             raise TrainingError(f"every step of epoch {self.epoch + 1} had a non-finite loss: training has "
@@ -258,6 +256,7 @@ class Trainer:
                    "train_images_per_s": seen / elapsed, "epoch_time_s": elapsed}
         if self.on_nan == "skip":
             metrics["skipped_steps"] = self.skipped_steps - skipped_before
+        self.progress.end_training(metrics)
         return metrics
 
     def _read(self, steps: int, clean, clean_steps, loss_sum, seen: int, *more) -> list[float]:
@@ -274,12 +273,12 @@ class Trainer:
         return totals
 
     @torch.no_grad()
-    def evaluate(self, loader) -> dict:
+    def evaluate(self, loader, name: str = "evaluation") -> dict:
         """Mean loss and accuracy over the loader (reduced over ranks), read from the device once."""
         self.model.eval()
         loss_sum, correct = self._zero(), self._zero()
         seen = 0
-        for x, y in loader:
+        for x, y in self.progress.evaluation(loader, name):
             x, y = self._prepare(x, y)
             with self._autocast():
                 logits = self.model(x)
@@ -296,23 +295,28 @@ class Trainer:
             self.resume()
         for cb in self.callbacks:
             cb.setup(self)
-        while self.epoch < self.epochs:
-            for cb in self.callbacks:
-                cb.on_epoch_start(self, self.epoch)
-            metrics = {"epoch": self.epoch + 1, **self.train_epoch()}
-            for name, loader in self.eval_loaders.items():
-                for key, value in self.evaluate(loader).items():
-                    metrics[f"{name}_{key}"] = value
-            for cb in self.callbacks:
-                cb.on_epoch_end(self, self.epoch)
-            for cb in self.callbacks:
-                metrics.update(cb.epoch_metrics(self, self.epoch))
-            self.policy.on_epoch_end(self.epoch, metrics)
-            self.history.append(metrics)
-            self.epoch += 1
-            self.checkpoint()
-            if self.ctx.is_main:
-                self.log(format_metrics(metrics))
+        self.progress.open(self.epoch, len(self.train_loader))
+        try:
+            while self.epoch < self.epochs:
+                for cb in self.callbacks:
+                    cb.on_epoch_start(self, self.epoch)
+                metrics = {"epoch": self.epoch + 1, **self.train_epoch()}
+                for name, loader in self.eval_loaders.items():
+                    for key, value in self.evaluate(loader, name).items():
+                        metrics[f"{name}_{key}"] = value
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, self.epoch)
+                for cb in self.callbacks:
+                    metrics.update(cb.epoch_metrics(self, self.epoch))
+                self.policy.on_epoch_end(self.epoch, metrics)
+                self.history.append(metrics)
+                self.epoch += 1
+                self.progress.end_epoch(metrics)  # steps.jsonl first: a resume drops what the checkpoint lacks
+                self.checkpoint()
+                if self.ctx.is_main:
+                    self.log(format_metrics(metrics))
+        finally:
+            self.progress.close()
         return self.history
 
 

@@ -102,12 +102,18 @@ def test_evaluation_reads_the_device_once(tmp_path, method):
 @pytest.mark.parametrize("terminal", [False, True])
 def test_the_device_is_read_every_check_every_steps_and_the_progress_bar_adds_no_read(tmp_path, monkeypatch,
                                                                                     terminal):
+    """Progress lines (one at every read here), bars, steps.jsonl and TensorBoard use the reads there are."""
     monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
     trainer = tiny_setup(tmp_path, "sss", images=128)
-    trainer.check_every = 3
+    trainer.check_every, trainer.progress.every_s, lines = 3, 0, []
+    trainer.progress.log = lines.append
     with count_syncs() as syncs:
+        trainer.progress.open(0, 8)
         trainer.train_epoch()
+        trainer.progress.end_epoch({"train_loss": 1.0})
+        trainer.progress.close()
     assert len(syncs.calls) == 2 + EPOCH_READS, "\n".join(syncs.calls)  # after steps 3 and 6 of 8, and the end
+    assert len(lines) == (0 if terminal else 2) and (tmp_path / "tb").is_dir()
 
 
 def test_skipping_non_finite_steps_reads_each_step(tmp_path):

@@ -28,7 +28,7 @@ import torch
 from . import spec as specs
 from .budget import budget_callbacks
 from .checkpoint import atomic_write_json, load_weights, remove_partial_writes, save_weights
-from .config import Config, ConfigError, check_type
+from .config import Config, ConfigError, check_type, make_config
 from .data import DATASET_STATS, BatchLoader, DataError, dataset_info, load_dataset, make_loader, split_validation
 from .distributed import DistContext, init_distributed
 from .engine import Trainer
@@ -206,6 +206,27 @@ def recorded_config(run_dir: Path) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
         raise RunDirError(f"{record}: holds no run configuration (a mapping with a 'config' mapping)")
     return data["config"]
+
+
+def source_config(path: str | Path) -> Config | None:
+    """The configuration of the run a saved model came from: PATH's config.json, the run's holding a
+    final/ or compressed/ folder, or the run an export's card.json names as its source; None where
+    nothing records it."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    runs = [directory]
+    try:
+        card = read_json(directory / "card.json") if (directory / "card.json").is_file() else None
+    except FileFormatError:
+        card = None
+    if isinstance(card, dict) and isinstance(card.get("source"), str):
+        runs.append(Path(card["source"]))
+    if directory.name in ("final", "compressed"):
+        runs.append(directory.parent)
+    for run in runs:
+        if (run / "config.json").is_file():
+            return make_config(recorded_config(run), str(run / "config.json"))
+    return None
 
 
 def prepare_run_dir(run_dir: Path, config: Config, *, resume: bool, force: bool, is_main: bool = True) -> None:

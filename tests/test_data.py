@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prunekit.config import ConfigError
+from prunekit.config import DATASETS, ConfigError
 import torch
 from PIL import Image
 
@@ -371,6 +371,7 @@ def test_dataset_info_covers_every_name():
     assert dataset_info("digits")["image_size"] == 8
     for name, (mean, std) in DATASET_STATS.items():
         assert len(mean) == len(std) == dataset_info(name)["in_channels"]
+    assert tuple(DATASET_STATS) == DATASETS  # the options' and recipes' choices
     with pytest.raises(DataError):
         dataset_info("nope")
 

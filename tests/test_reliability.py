@@ -378,7 +378,7 @@ def test_a_non_finite_number_on_the_command_line_is_refused(tmp_path, capsys, tr
 
 
 @pytest.mark.parametrize("option, message", [
-    (["--method", "bogus"], "options: method must be one of ('none', 'sss', "),
+    (["--method", "bogus"], "argument --method: invalid choice: 'bogus' (choose from 'none', 'sss', "),
     (["--train-subset", -5], "options: train_subset must be in [1, ∞), got -5"),
     (["--train-subset", 0], "options: train_subset must be in [1, ∞), got 0"),
     (["--val-split", -1], "options: val_split must be in [0, ∞), got -1"),
@@ -393,7 +393,7 @@ def test_a_non_finite_number_on_the_command_line_is_refused(tmp_path, capsys, tr
     (["--lr", "1e308"], "options: lr must be in [0, 1000], got 1e+308"),
     (["--device", "bogus"], "options: device must be auto, cpu, mps, cuda or cuda:N, got 'bogus'"),
     (["--device", "cuda:99"], "device: cuda:99 asked for, but this machine has"),
-    (["--data", "bogus"], "unknown dataset 'bogus'"),
+    (["--data", "bogus"], "argument --data: invalid choice: 'bogus' (choose from 'fashion-mnist', "),
     (["--model", "bogus"], "unknown model 'bogus'"),
     (["--model", "vgg16"], "vgg16 on fashion-mnist: spec.layers[12].pool: a 2×2 pool leaves nothing of its 1×1"),
     (["--target-epoch-fraction", -2], "options: target_epoch_fraction must be in (0, 1], got -2.0"),

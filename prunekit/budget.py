@@ -59,6 +59,12 @@ def minimum_cost(spec: specs.Spec, input_hw, metric: str, remove_blocks: bool) -
     if isinstance(smallest, specs.ConvNetSpec):
         for layer in smallest.layers:
             layer.width = 1
+    elif isinstance(smallest, specs.MobileNetV2Spec):  # a block without expansion keeps its input's width
+        smallest.head = 1
+        smallest.stages = [[block for block in stage if not (remove_blocks and block.shortcut == "identity")]
+                           for stage in smallest.stages]
+        for _, _, block in smallest.blocks():
+            block.inner = [1] if block.expand else block.inner
     else:
         for s, stage in enumerate(smallest.stages):
             kept = []
@@ -103,7 +109,7 @@ def cost_weights(model: nn.Module, spec: specs.Spec, input_hw, metric: str = "ma
         dead = DeadSet(groups={cg.name: torch.arange(cg.count) == 0})
         weights[cg.name] = base - getattr(spec_cost(projected_spec(model, spec, dead), input_hw), metric)
     for s, b, block in getattr(model, "residual_blocks", lambda: [])():
-        if block.spec.has_branch:
+        if isinstance(getattr(block, "gate", None), (ScaleGate, BinaryGate)):  # the blocks `_structures` yields
             reduced = pruned_spec(model, spec, DeadSet(blocks={(s, b)}), kept_channels(model, empty))
             weights[(s, b)] = base - getattr(spec_cost(reduced, input_hw), metric)
     groups = [g.name for g in model.channel_groups()] or [cg.name for cg in getattr(model, "cardinality_groups", lambda: [])()]

@@ -4,8 +4,9 @@
 BN (or last conv) they scale. A removed BN-γ channel whose γ is 0 still emits the constant relu(β);
 its contribution is folded exactly into what reads it: the classifier's bias, or the consumer conv's
 `ConstantInputBias` (per output channel its k×k tap sums, applied as a convolution of a ones map, so
-zero-padded borders are exact too). A removed channel that is not constant (γ ≠ 0) cannot be folded:
-the equivalence check then refuses the compression.
+zero-padded borders are exact too). In MobileNetV2 the γ is the depthwise BN's, so the constant
+relu6(β) reaches the 1x1 projection. A removed channel that is not constant (γ ≠ 0) cannot be
+folded: the equivalence check then refuses the compression.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import spec as specs
@@ -26,8 +26,8 @@ from .checkpoint import atomic_write_json, atomic_write_text, load_weights, save
 from .errors import FileFormatError, one_line, read_json
 from .gates import BinaryGate, ScaleGate
 from .methods import DeadSet, dead_structures, zero_gammas
-from .models import build
-from .models.resnet import ConstantInputBias, ResNet
+from .models import MobileNetV2, build
+from .models.resnet import ResNet
 
 
 class CompressionError(RuntimeError):
@@ -57,12 +57,10 @@ def _fold_gates(model: nn.Module) -> None:
             gate = getattr(block, "gate", None)
             if isinstance(gate, (ScaleGate, BinaryGate)):
                 f = gate.factor()
-                if block.preact:
-                    getattr(block, f"conv{block.num_convs}").weight.mul_(f)
-                else:
-                    last_bn = getattr(block, f"bn{block.num_convs}")
-                    last_bn.weight.mul_(f)
-                    last_bn.bias.mul_(f)
+                layer = block.gated_layer()
+                layer.weight.mul_(f)
+                if isinstance(layer, nn.BatchNorm2d):
+                    layer.bias.mul_(f)
 
 
 def _block_bn(block: nn.Module, conv_index: int) -> nn.BatchNorm2d:
@@ -71,9 +69,9 @@ def _block_bn(block: nn.Module, conv_index: int) -> nn.BatchNorm2d:
 
 
 def _emits_constant(group, removed: torch.Tensor) -> torch.Tensor:
-    """Which `removed` channels emit a nonzero constant relu(β): BN-γ channels (removed because γ = 0,
-    or about to be zeroed by a budget's freeze) with β > 0. A gated channel is removed because its
-    factor is 0, so it emits nothing."""
+    """Which `removed` channels emit a nonzero constant relu(β) (or relu6(β)): BN-γ channels (removed
+    because γ = 0, or about to be zeroed by a budget's freeze) with β > 0. A gated channel is removed
+    because its factor is 0, so it emits nothing."""
     if isinstance(group.gate, (ScaleGate, BinaryGate)):
         return torch.zeros_like(removed)
     return removed & (group.bn.bias.detach() > 0)
@@ -134,6 +132,19 @@ def pruned_spec(model: nn.Module, spec: specs.Spec, dead: DeadSet, keep: dict[st
     shortcuts, constant-input biases where removed constant channels are folded."""
     new_spec = copy.deepcopy(spec)
     stencils = _stencil_owners(model, keep)
+    if isinstance(spec, specs.MobileNetV2Spec):  # dead blocks (identity shortcuts only) leave the spec
+        new_spec.stages = [[] for _ in spec.stages]
+        for k, (s, b, block) in enumerate(model.residual_blocks(), start=1):
+            if (s, b) in dead.blocks:
+                continue
+            block_spec = copy.deepcopy(spec.stages[s][b])
+            if block_spec.expand:
+                block_spec.inner = [len(keep[f"features.{k}"])]
+                block_spec.stencil = block_spec.stencil or id(block) in stencils
+            new_spec.stages[s].append(block_spec)
+        new_spec.head = len(keep[f"features.{len(model.features) - 1}"])
+        specs.validate(new_spec)
+        return new_spec
     if isinstance(spec, specs.ConvNetSpec):
         for layer_spec, layer, g in zip(new_spec.layers, model.features, model.channel_groups()):
             layer_spec.width = len(keep[g.name])
@@ -162,15 +173,10 @@ def pruned_spec(model: nn.Module, spec: specs.Spec, dead: DeadSet, keep: dict[st
 
 
 def _add_stencils(model: nn.Module, owners: set[int]) -> None:
-    """Give the consumer convs of `owners` a zero ConstantInputBias where they have none yet."""
-    for _, _, block in getattr(model, "residual_blocks", lambda: [])():
-        if id(block) in owners:
-            for i in range(2, block.num_convs + 1):
-                if not hasattr(block, f"stencil{i}"):
-                    setattr(block, f"stencil{i}", ConstantInputBias(getattr(block, f"conv{i}")))
-    for layer in getattr(model, "features", []):
-        if id(layer) in owners and not hasattr(layer, "stencil"):
-            layer.stencil = ConstantInputBias(layer.conv)
+    """Give the consumer convs of `owners` (blocks, conv layers) a zero ConstantInputBias where they have none yet."""
+    for module in list(model.modules()):
+        if id(module) in owners:
+            module.add_stencils()
 
 
 def _fold_constants(model: nn.Module, keep: dict[str, torch.Tensor]) -> None:
@@ -180,7 +186,7 @@ def _fold_constants(model: nn.Module, keep: dict[str, torch.Tensor]) -> None:
             constant = _emits_constant(g, _removed(g, keep[g.name], g.bn.weight.device))
             if not constant.any():
                 continue
-            value = torch.where(constant, F.relu(g.bn.bias.detach()), torch.zeros_like(g.bn.bias))
+            value = torch.where(constant, g.activation(g.bn.bias.detach()), torch.zeros_like(g.bn.bias))
             if g.consumer_stencil is None:
                 g.consumer.bias.add_(g.consumer.weight @ value)
             else:
@@ -193,6 +199,12 @@ def _slice_group(g, idx: torch.Tensor) -> None:
     with torch.no_grad():
         g.conv.weight = nn.Parameter(g.conv.weight[idx].clone())
         g.conv.out_channels = len(idx)
+        for layer in g.through:
+            if isinstance(layer, nn.BatchNorm2d):
+                _slice_bn(layer, idx)
+            else:  # a depthwise conv: one filter per channel
+                layer.weight = nn.Parameter(layer.weight[idx].clone())
+                layer.in_channels = layer.out_channels = layer.groups = len(idx)
         if g.conv_stencil is not None and hasattr(*g.conv_stencil):
             stencil = getattr(*g.conv_stencil)
             stencil.weight = nn.Parameter(stencil.weight[idx].clone())
@@ -255,6 +267,19 @@ def compress(model: nn.Module, spec: specs.Spec, dead: DeadSet) -> Compressed:
                     or (k.startswith("bn1.") and block.preact and block_spec.shortcut == "conv"))}
                 state.update({f"layer{s + 1}.{new_index}.{k}": v for k, v in kept.items()})
                 new_index += 1
+    elif isinstance(model, MobileNetV2):  # features renumbered over the dead blocks
+        alive = [0] + [k for k, (s, b, _) in enumerate(model.residual_blocks(), start=1) if (s, b) not in dead.blocks]
+        renumber = {old: new for new, old in enumerate(alive + [len(model.features) - 1])}
+        state = {}
+        for key, value in model.state_dict().items():
+            if ".gate." in key:
+                continue
+            if key.startswith("features."):
+                _, index, rest = key.split(".", 2)
+                if int(index) not in renumber:
+                    continue
+                key = f"features.{renumber[int(index)]}.{rest}"
+            state[key] = value
     else:
         state = {k: v for k, v in model.state_dict().items() if ".gate." not in k}
     compressed = build(new_spec)

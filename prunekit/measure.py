@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .spec import ConvNetSpec, ResNetSpec, Spec
+from .spec import ConvNetSpec, MobileNetV2Spec, ResNetSpec, Spec
 
 
 def count_params(model: nn.Module) -> int:
@@ -126,6 +126,18 @@ def spec_cost(spec: Spec, input_hw: tuple[int, int]) -> Cost:
         if spec.preact:
             params += 2 * cin
             macs += cin * h * w
+    elif isinstance(spec, MobileNetV2Spec):
+        conv(spec.in_channels, spec.stem, 3, spec.stem_stride, 1)
+        cin = spec.stem
+        for _, _, block in spec.blocks():
+            inner = block.inner[0]
+            if block.expand:
+                conv(cin, inner, 1, 1, 0)
+            conv(inner, inner, 3, block.stride, 1, groups=inner)
+            conv(inner, block.out, 1, 1, 0, stencil=block.stencil)
+            cin = block.out
+        conv(cin, spec.head, 1, 1, 0)
+        cin = spec.head
     else:
         raise TypeError(f"not a spec: {type(spec).__name__}")
     width = spec.layers[-1].width if isinstance(spec, ConvNetSpec) else cin

@@ -14,11 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .config import ConfigError
 from .engine import Callback
 from .gates import BinaryGate, EpsilonGate, GateConfig, ScaleGate, gate_parameters
 from .optim import APG, ISTA, add_l1_subgradient, ista_cost_weight
+from .spec import ResNetSpec
 
 METHODS = ("none", "sss", "binary-gate", "ista-bn", "slimming", "epsilon-resnet")
 DEFAULT_PENALTY = {"sss": 0.01, "binary-gate": 0.01, "ista-bn": 0.005, "slimming": 1e-5}
@@ -89,7 +92,7 @@ def epsilon_dropped(block: nn.Module, rule: str = "average", tolerance: float = 
     """
     dropped = block.gate.discarded_average >= DISCARD_AVERAGE
     if rule == "weights":
-        convs = [getattr(block, f"conv{i}").weight.detach() for i in range(1, block.num_convs + 1)]
+        convs = [conv.weight.detach() for conv in block.branch_convs()]
         dropped = dropped & (torch.stack([w.abs().max() for w in convs]).max() <= tolerance)
     return dropped
 
@@ -177,12 +180,12 @@ def sparsity_metrics(model: nn.Module, method: str, costs: dict[str, float] | No
         metrics["alive_groups"] = [int((~dead.groups[cg.name]).sum()) if cg.name in dead.groups else cg.count
                                    for cg in cardinality]
         metrics["dead_groups"] = dead.count_groups()
-    if method == "epsilon-resnet":
-        gates = [blk.gate for _, _, blk in blocks if blk.spec.has_branch]
+    if method == "epsilon-resnet":  # MobileNetV2: only blocks with an identity shortcut carry an ε gate
+        gates = [blk.gate for _, _, blk in blocks if blk.spec.has_branch and isinstance(blk.gate, EpsilonGate)]
         # the authors' discarded_cnt, as logged and read by their LR policy: the moving average of the count
         metrics["discarded_blocks"] = float(sum(g.discarded_average for g in gates)) if gates else 0.0
         metrics["discarded_now"] = int(sum(float(g.is_discarded) for g in gates))
-        metrics["branch_peak"] = [round(float(blk.gate.peak_average), 4) for _, _, blk in blocks if blk.spec.has_branch]
+        metrics["branch_peak"] = [round(float(g.peak_average), 4) for g in gates]
     if costs:
         factors = {g.name: channel_factor(g) for g in groups}
         metrics["group_lasso"] = sum(costs[n] * float(f.abs().sum()) for n, f in factors.items())
@@ -295,7 +298,7 @@ class SideSupervision(Callback):
         self.weight = weight
 
     def loss_terms(self, trainer, logits, targets):
-        side = trainer.model.side_logits
+        side = getattr(trainer.model, "side_logits", None)  # only ResNets have a side classifier
         if side is None:
             return {}
         trainer.model.side_logits = None
@@ -346,7 +349,12 @@ def _is_decayed(name: str, param: nn.Parameter, method: str) -> bool:
 
 
 def rescale_gamma(model: nn.Module, alpha: float) -> None:
-    """Ye et al.'s γ-W rescaling, function-preserving: γ, β ×α and the consumer's weights ×1/α."""
+    """Ye et al.'s γ-W rescaling, function-preserving: γ, β ×α and the consumer's weights ×1/α. Refused
+    where ReLU6 follows the BN (MobileNetV2): relu6(αx) ≠ α·relu6(x)."""
+    clipped = [g.name for g in model.channel_groups() if g.activation is not F.relu]
+    if clipped:
+        raise ConfigError(f"gamma_rescale: the rescaling preserves the function only through a ReLU; {clipped[0]} is "
+                          f"followed by ReLU6; use gamma_rescale 1")
     with torch.no_grad():
         for g in model.channel_groups():
             g.bn.weight.mul_(alpha)
@@ -397,8 +405,8 @@ def build_method(model: nn.Module, config, input_size: tuple[int, ...]) -> Metho
 def side_head_position(model_spec) -> tuple[int, int] | None:
     """ε-ResNet's side classifier, where the authors' code puts it: in stage 2 after block n//2 (CIFAR,
     n blocks per stage); for 4-stage ImageNet nets in stage 3 after block sum(blocks)//2 − (blocks of
-    stages 1–2) − 1 (ResNet-101: 8, ResNet-152: 13)."""
-    stages = getattr(model_spec, "stages", None)
+    stages 1–2) − 1 (ResNet-101: 8, ResNet-152: 13). Other families have none."""
+    stages = model_spec.stages if isinstance(model_spec, ResNetSpec) else None
     if not stages or len(stages) < 2:
         return None
     counts = [len(stage) for stage in stages]

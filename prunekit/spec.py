@@ -89,7 +89,47 @@ class ConvNetSpec:
     family: str = "convnet"
 
 
-Spec = ResNetSpec | ConvNetSpec
+@dataclass
+class InvertedResidualSpec:
+    """One MobileNetV2 block: 1x1 expansion to `inner[0]` channels, 3x3 depthwise conv, linear 1x1
+    projection to `out`. Without `expand` the depthwise conv reads the input (inner[0] is its width)."""
+
+    inner: list[int]
+    out: int
+    stride: int = 1
+    shortcut: str = "none"  # "identity" (stride 1, out == input width) or "none"
+    expand: bool = True
+    stencil: bool = False  # the projection carries a constant-input bias (see models.resnet.ConstantInputBias)
+
+    @property
+    def has_branch(self) -> bool:
+        """Always: a removed block leaves the spec (only blocks with an identity shortcut can go)."""
+        return True
+
+
+@dataclass
+class MobileNetV2Spec:
+    """MobileNetV2 (Sandler et al. 2018) in torchvision's layout: 3x3 conv-BN-ReLU6 stem with stride
+    `stem_stride`, stages of inverted-residual blocks, 1x1 conv-BN-ReLU6 to `head` channels, global
+    pool, dropout, linear classifier."""
+
+    stem: int
+    stages: list[list[InvertedResidualSpec]]
+    head: int
+    num_classes: int = 10
+    in_channels: int = 3
+    stem_stride: int = 2
+    dropout: float = 0.2
+    family: str = "mobilenetv2"
+
+    def blocks(self):
+        """Yield (stage index, block index, block) for every block."""
+        for s, stage in enumerate(self.stages):
+            for b, block in enumerate(stage):
+                yield s, b, block
+
+
+Spec = ResNetSpec | ConvNetSpec | MobileNetV2Spec
 
 
 def to_dict(spec: Spec) -> dict:
@@ -167,6 +207,37 @@ def _block_from_dict(data, where: str, block_type: str) -> BlockSpec:
     return BlockSpec(inner, _width(data["out"], f"{where}.out"), stride, shortcut, groups, stencil)
 
 
+def _inverted_from_dict(data, where: str) -> InvertedResidualSpec:
+    _keys(data, {"inner", "out", "stride", "shortcut", "expand", "stencil"}, where)
+    if "inner" not in data or "out" not in data:
+        raise SpecError(f"{where}: 'inner' and 'out' are required")
+    inner = _expect(data["inner"], list, f"{where}.inner")
+    if len(inner) != 1:
+        raise SpecError(f"{where}.inner: an inverted-residual block has 1 inner width, got {len(inner)}")
+    stride = _expect(data.get("stride", 1), int, f"{where}.stride")
+    if stride not in (1, 2):
+        raise SpecError(f"{where}.stride: must be 1 or 2, got {stride}")
+    shortcut = data.get("shortcut", "none")
+    if shortcut not in ("identity", "none"):
+        raise SpecError(f"{where}.shortcut: must be 'identity' or 'none', got {shortcut!r}")
+    return InvertedResidualSpec([_width(inner[0], f"{where}.inner[0]")], _width(data["out"], f"{where}.out"), stride,
+                                shortcut, _expect(data.get("expand", True), bool, f"{where}.expand"),
+                                _expect(data.get("stencil", False), bool, f"{where}.stencil"))
+
+
+def _stages_from_dict(data, parse_block) -> list[list]:
+    stages = _expect(data["stages"], list, "spec.stages")
+    if not 1 <= len(stages) <= 16:
+        raise SpecError(f"spec.stages: expected 1 to 16 stages, got {len(stages)}")
+    parsed = []
+    for s, stage in enumerate(stages):
+        _expect(stage, list, f"spec.stages[{s}]")
+        parsed.append([parse_block(b, f"spec.stages[{s}][{i}]") for i, b in enumerate(stage)])
+    if sum(map(len, parsed)) > MAX_LAYERS:
+        raise SpecError(f"spec.stages: more than {MAX_LAYERS} blocks")
+    return parsed
+
+
 def from_dict(data) -> Spec:
     """Parse and validate a spec from JSON data; errors name the field (e.g. `stages[1][0].out`)."""
     _expect(data, dict, "spec")
@@ -179,15 +250,7 @@ def from_dict(data) -> Spec:
                 raise SpecError(f"spec.{key}: required for a resnet spec")
         if data["block"] not in BLOCK_TYPES:
             raise SpecError(f"spec.block: must be one of {BLOCK_TYPES}, got {data['block']!r}")
-        stages = _expect(data["stages"], list, "spec.stages")
-        if not 1 <= len(stages) <= 16:
-            raise SpecError(f"spec.stages: expected 1 to 16 stages, got {len(stages)}")
-        parsed = []
-        for s, stage in enumerate(stages):
-            _expect(stage, list, f"spec.stages[{s}]")
-            parsed.append([_block_from_dict(b, f"spec.stages[{s}][{i}]", data["block"]) for i, b in enumerate(stage)])
-        if sum(map(len, parsed)) > MAX_LAYERS:
-            raise SpecError(f"spec.stages: more than {MAX_LAYERS} blocks")
+        parsed = _stages_from_dict(data, lambda b, where: _block_from_dict(b, where, data["block"]))
         spec = ResNetSpec(
             block=data["block"], stem=_width(data["stem"], "spec.stem"), stages=parsed,
             num_classes=_width(data.get("num_classes", 10), "spec.num_classes"),
@@ -216,8 +279,23 @@ def from_dict(data) -> Spec:
                                         _expect(layer.get("stencil", False), bool, f"{where}.stencil")))
         spec = ConvNetSpec(parsed, _width(data.get("num_classes", 10), "spec.num_classes"),
                            _width(data.get("in_channels", 3), "spec.in_channels"))
+    elif family == "mobilenetv2":
+        _keys(data, common | {"stem", "stages", "head", "stem_stride", "dropout"}, "spec")
+        for key in ("stem", "stages", "head"):
+            if key not in data:
+                raise SpecError(f"spec.{key}: required for a mobilenetv2 spec")
+        stem_stride = _expect(data.get("stem_stride", 2), int, "spec.stem_stride")
+        if stem_stride not in (1, 2):
+            raise SpecError(f"spec.stem_stride: must be 1 or 2, got {stem_stride}")
+        dropout = _expect(data.get("dropout", 0.2), (float, int), "spec.dropout")
+        if not 0 <= dropout < 1:
+            raise SpecError(f"spec.dropout: must be at least 0 and below 1, got {dropout}")
+        spec = MobileNetV2Spec(_width(data["stem"], "spec.stem"), _stages_from_dict(data, _inverted_from_dict),
+                               _width(data["head"], "spec.head"),
+                               _width(data.get("num_classes", 10), "spec.num_classes"),
+                               _width(data.get("in_channels", 3), "spec.in_channels"), stem_stride, float(dropout))
     else:
-        raise SpecError(f"spec.family: must be 'resnet' or 'convnet', got {family!r}")
+        raise SpecError(f"spec.family: must be 'resnet', 'convnet' or 'mobilenetv2', got {family!r}")
     validate(spec)
     from .measure import spec_cost  # measure imports this module
 
@@ -234,6 +312,9 @@ def validate(spec: Spec) -> None:
     width = spec.stem
     for s, b, block in spec.blocks():
         where = f"spec.stages[{s}][{b}]"
+        if isinstance(block, InvertedResidualSpec) and not block.expand and block.inner[0] != width:
+            raise SpecError(f"{where}.inner: a block without expansion has its input's width ({width}), "
+                            f"got {block.inner[0]}")
         if block.shortcut == "identity" and (block.stride != 1 or block.out != width):
             raise SpecError(f"{where}.shortcut: an identity shortcut needs stride 1 and out == input width "
                             f"({width}), got stride {block.stride}, out {block.out}")
@@ -269,6 +350,8 @@ def feature_width(spec: Spec) -> int:
     """Channels entering the classifier."""
     if isinstance(spec, ConvNetSpec):
         return spec.layers[-1].width
+    if isinstance(spec, MobileNetV2Spec):
+        return spec.head
     width = spec.stem
     for _, _, block in spec.blocks():
         width = block.out
@@ -378,6 +461,38 @@ def cnn4_spec(*, num_classes: int = 10, in_channels: int = 3) -> ConvNetSpec:
                        num_classes, in_channels)
 
 
+def _round_to_8(width: float) -> int:
+    """A width rounded to the nearest multiple of 8, never below 8 nor 10% below `width` (as MobileNet's
+    reference code rounds scaled widths)."""
+    rounded = max(8, int(width + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * width else rounded
+
+
+# (expansion t, output width c, blocks n, first stride s) of each stage: Sandler et al. (2018), Table 2
+MOBILENET_V2_STAGES = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                       (6, 320, 1, 1)]
+
+
+def mobilenet_v2_spec(*, cifar: bool = False, width_mult: float = 1.0, num_classes: int = 1000,
+                      in_channels: int = 3) -> MobileNetV2Spec:
+    """MobileNetV2 as torchvision builds it (widths × `width_mult`, rounded to multiples of 8; head 1280,
+    or more when widened). `cifar`: for 28–32 px images the stem and the second stage's first block
+    have stride 1 instead of 2, so the last feature map is 4×4 at 32 px (8× down, not 32×)."""
+    stem = _round_to_8(32 * width_mult)
+    stages, width = [], stem
+    for s, (t, c, n, first_stride) in enumerate(MOBILENET_V2_STAGES):
+        out = _round_to_8(c * width_mult)
+        blocks = []
+        for b in range(n):
+            stride = 1 if (b > 0 or (cifar and s == 1)) else first_stride
+            shortcut = "identity" if stride == 1 and width == out else "none"
+            blocks.append(InvertedResidualSpec([int(round(width * t))], out, stride, shortcut, expand=t != 1))
+            width = out
+        stages.append(blocks)
+    return MobileNetV2Spec(stem, stages, _round_to_8(1280 * max(1.0, width_mult)), num_classes, in_channels,
+                           stem_stride=1 if cifar else 2)
+
+
 def apply_units(spec: ResNetSpec, units: list[tuple[int, bool]]) -> ResNetSpec:
     """Prune whole blocks with the compact per-stage form `[(blocks_kept, first_block_kept), ...]`.
 
@@ -407,6 +522,8 @@ def count_layers(spec: Spec) -> int:
     """Weighted layers as papers count them: convs on residual branches plus stem and classifier."""
     if isinstance(spec, ConvNetSpec):
         return len(spec.layers) + 1
+    if isinstance(spec, MobileNetV2Spec):  # stem, head conv and classifier; 2 or 3 convs per block
+        return 3 + sum(2 + block.expand for _, _, block in spec.blocks())
     return 2 + sum(len(block.inner) + (1 if block.has_branch else 0) for _, _, block in spec.blocks())
 
 

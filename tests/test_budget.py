@@ -4,7 +4,8 @@ import torch
 
 import pytest
 
-from prunekit.budget import budget_callbacks, minimum_cost, projected_spec
+from prunekit import spec as S
+from prunekit.budget import budget_callbacks, cost_weights, minimum_cost, projected_spec
 from prunekit.compress import compress
 from prunekit.config import ConfigError, make_config
 from prunekit.measure import count_macs, count_params, spec_cost
@@ -161,3 +162,53 @@ def test_slimming_and_epsilon_budgets_resume_exactly(tmp_path, method):
     resumed.fit(resume=True)
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+IR = S.InvertedResidualSpec
+TINY_MOBILENET = S.MobileNetV2Spec(8, [[IR([8], 8, 1, "identity", expand=False)],
+                                       [IR([16], 12, 1), IR([24], 12, 1, "identity")],
+                                       [IR([24], 16, 2), IR([32], 16, 1, "identity")]],
+                                   head=32, num_classes=4, in_channels=1, stem_stride=1)
+
+
+@pytest.mark.parametrize("method", ["sss", "binary-gate", "ista-bn"])
+def test_controller_lands_a_mobilenet_on_half_the_macs_and_compresses_exactly(tmp_path, monkeypatch, method):
+    """Its cost weights count an expansion channel's three convs and two BNs, a block its whole branch, a head
+    channel the classifier's inputs; the compressed network costs what was projected."""
+    import test_engine
+
+    monkeypatch.setattr(test_engine, "TINY_CONVNET", TINY_MOBILENET)
+    trainer = tiny_setup(tmp_path, method, epochs=4, penalty=0.05, target_macs=0.5)
+    config = make_config({"method": method, "target_macs": 0.5, "penalty": 0.05})
+    (controller,) = budget_callbacks(trainer.model, TINY_MOBILENET, config, (1, 8, 8))
+    weights = cost_weights(trainer.model, TINY_MOBILENET, (8, 8))
+    channel = 8 * 64 + 64 + 9 * 64 + 64 + 12 * 64  # features.2: 1x1 expansion, BN, 3x3 depthwise, BN, projection
+    head = 16 * 16 + 16 + 4  # features.6: the head's 1x1 on 4x4 maps, BN, classifier
+    assert weights["features.2"] / weights["features.6"] == pytest.approx(channel / head)
+    if method == "sss":  # features.3, a whole block: 12→24 1x1, BN, depthwise, BN, 24→12 1x1, BN
+        block = 24 * 12 * 64 + 24 * 64 + 24 * 9 * 64 + 24 * 64 + 12 * 24 * 64 + 12 * 64
+        assert weights[(1, 1)] / weights["features.6"] == pytest.approx(block / head)
+    controller.check_every = 1
+    trainer.callbacks.append(controller)
+    history = trainer.fit()
+    assert history[-1]["budget_frozen"]
+    dead = dead_structures(trainer.model, method)
+    final = projected_spec(trainer.model, TINY_MOBILENET, dead)
+    dense = spec_cost(TINY_MOBILENET, (8, 8)).macs
+    assert abs(spec_cost(final, (8, 8)).macs / dense - 0.5) <= 0.02
+    compressed = compress(trainer.model.eval(), TINY_MOBILENET, dead)
+    assert compressed.spec == final and count_macs(compressed.model, (1, 8, 8)) == spec_cost(final, (8, 8)).macs
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(compressed.model(x), trainer.model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_minimum_mobilenet_cost_keeps_the_blocks_without_identity_at_one_channel():
+    """Blocks with an identity shortcut gone (the first, without expansion, too), one expansion channel in
+    the others (1x1, BN, depthwise, BN, then the projection and its BN), one head channel."""
+    stem = 8 * 9 * 64 + 8 * 64
+    expanded = 8 * 64 + 64 + 9 * 64 + 64 + 12 * 64 + 12 * 64
+    strided = 12 * 64 + 64 + 9 * 16 + 16 + 16 * 16 + 16 * 16
+    head = 16 * 16 + 16 + 4
+    assert minimum_cost(TINY_MOBILENET, (8, 8), "macs", remove_blocks=True) == stem + expanded + strided + head
+    assert minimum_cost(TINY_MOBILENET, (8, 8), "macs", remove_blocks=False) > stem + expanded + strided + head

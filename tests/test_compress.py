@@ -14,7 +14,7 @@ from prunekit.methods import DeadSet, dead_structures
 from prunekit.models import build, zoo_spec
 
 FAMILIES = [("resnet20", 28, 1), ("preresnet110", 32, 3), ("preresnet164", 16, 3), ("resnet50", 64, 3),
-            ("vgg16", 32, 3), ("cnn4", 28, 1)]
+            ("vgg16", 32, 3), ("cnn4", 28, 1), ("mobilenet_v2_cifar", 28, 1)]
 
 
 def randomize_bn(model, generator):
@@ -47,7 +47,7 @@ def gated_model(name, cin, kind, pattern="random", seed=0):
             else:
                 group.gate.weight.copy_(torch.where(dead, torch.zeros(n), torch.rand(n, generator=g) + 0.6))
         for s, b, block in getattr(model, "residual_blocks", lambda: [])():
-            if kind == "bn" or not hasattr(block, "gate"):
+            if kind == "bn" or not hasattr(getattr(block, "gate", None), "weight"):  # MobileNetV2: identity blocks only
                 continue
             kill = (pattern == "whole-stage" and s == 1) or (pattern == "first-block" and b == 0) or \
                    (pattern == "random" and torch.rand(1, generator=g).item() < 0.4)
@@ -206,3 +206,55 @@ def test_onnx_export_of_a_compressed_model(tmp_path):
     onnx.checker.check_model(graph)
     convs = [n for n in graph.graph.node if n.op_type == "Conv"]
     assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in result.model.modules())
+
+
+@pytest.mark.parametrize("method", ["sss", "binary-gate", "ista-bn", "slimming", "epsilon-resnet"])
+def test_mobilenet_v2_compresses_exactly_for_every_method(method):
+    """Dead expansion channels leave the expansion conv, its BN, the depthwise conv and BN and the projection's
+    inputs; dead head channels the classifier's; a dead block (identity shortcut) leaves entirely. BN-γ
+    channels emit relu6(β), clipped at 6, folded into the projection or the classifier's bias."""
+    from prunekit.config import make_config
+    from prunekit.methods import gate_config, zero_gammas
+
+    spec = zoo_spec("mobilenet_v2_cifar", in_channels=1)
+    torch.manual_seed(0)
+    model = build(spec, gate_config(method, make_config({"method": method})))
+    g = torch.Generator().manual_seed(0)
+    randomize_bn(model, g)
+    with torch.no_grad():
+        model.classifier[1].weight.mul_(100)  # logits of order 1
+        for i, group in enumerate(model.channel_groups()):
+            n = group.bn.num_features
+            dead = torch.rand(n, generator=g) < 0.5
+            if i == 1:
+                dead = torch.arange(n) != n // 2  # every channel but one
+            if method in ("ista-bn", "slimming"):
+                group.bn.weight.copy_(torch.where(dead, torch.zeros(n), group.bn.weight.abs() + 0.1))
+                group.bn.bias.masked_fill_(dead & (torch.arange(n) % 3 == 0), 7.0)  # relu6 clips: 6 reaches the consumer
+            elif method != "epsilon-resnet":
+                group.gate.weight.copy_(torch.where(dead, torch.zeros(n), torch.rand(n, generator=g) + 0.6))
+        if method == "sss":
+            model.features[5].gate.weight.zero_()  # stage 2, block 2
+        if method == "epsilon-resnet":
+            model.features[5].gate.dropped.fill_(True)
+    model.eval()
+    dead = dead_structures(model, method, prune_percent=40.0 if method == "slimming" else None)
+    if method == "slimming":
+        zero_gammas(model, dead)
+    result = compress(model, spec, dead)
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(x)
+        assert reference.abs().max() > 0.5
+        torch.testing.assert_close(result.model(x), reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+    assert count_params(result.model) == spec_cost(result.spec, (28, 28)).params
+    blocks = sum(map(len, result.spec.stages))
+    assert blocks == (16 if method in ("sss", "epsilon-resnet") else 17)
+    assert len(result.spec.stages[2]) == 3 - (blocks == 16)
+    if method != "epsilon-resnet":
+        alive = [max(int((~dead.channels[g.name]).sum()), 1) for g in model.channel_groups()]
+        widths = [b.inner[0] for _, _, b in result.spec.blocks() if b.expand]
+        assert widths[1] == 1 and result.spec.head == alive[-1] < 1280
+        assert sum(widths) == sum(alive[:-1]) - (alive[3] if method == "sss" else 0)
+    if method in ("ista-bn", "slimming"):
+        assert any(b.stencil for _, _, b in result.spec.blocks())

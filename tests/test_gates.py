@@ -123,3 +123,43 @@ def test_epsilon_resnet_decays_conv_and_fc_weights_only():
         n for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1)
     assert "side_head.4.weight" in {names[id(p)] for p in decayed["params"]}
     assert all(p.dim() == 1 for p in undecayed["params"])
+
+
+def test_epsilon_gates_sit_on_the_mobilenet_blocks_with_an_identity_shortcut(tmp_path, monkeypatch):
+    """ε-ResNet on MobileNetV2: a strict identity for the blocks that have one, no side classifier; a block
+    the rule discards leaves the compressed network, whose logits equal the gated network's."""
+    import test_engine
+    from test_budget import TINY_MOBILENET
+
+    from prunekit.compress import compress
+    from prunekit.methods import dead_structures, side_head_position
+
+    monkeypatch.setattr(test_engine, "TINY_RESNET", TINY_MOBILENET)
+    trainer = test_engine.tiny_setup(tmp_path, "epsilon-resnet", epochs=2, epsilon=0.5)
+    blocks = [block for _, _, block in trainer.model.residual_blocks()]
+    assert [type(block.gate).__name__ for block in blocks] == ["EpsilonGate", "Identity", "EpsilonGate", "Identity",
+                                                                "EpsilonGate"]
+    assert side_head_position(TINY_MOBILENET) is None
+    history = trainer.fit()
+    assert len(history[-1]["branch_peak"]) == 3 and "side" not in history[-1]
+    blocks[2].gate.dropped.fill_(True)
+    model = trainer.model.eval()
+    result = compress(model, TINY_MOBILENET, dead_structures(model, "epsilon-resnet"))
+    assert [len(stage) for stage in result.spec.stages] == [1, 1, 2]
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_gamma_rescaling_is_refused_where_relu6_follows_the_bn():
+    """Ye et al.'s γ-W rescaling relies on relu(αx) = α·relu(x); relu6 clips, so MobileNetV2 refuses it."""
+    import pytest
+
+    from prunekit.config import ConfigError, make_config
+    from prunekit.methods import build_method, gate_config
+    from prunekit.models import create
+
+    config = make_config({"method": "ista-bn", "gamma_rescale": 0.5})
+    model = create("mobilenet_v2_cifar", gates=gate_config("ista-bn", config))
+    with pytest.raises(ConfigError, match="^gamma_rescale: .* features.2 is followed by ReLU6; use gamma_rescale 1$"):
+        build_method(model, config, (3, 32, 32))

@@ -18,7 +18,7 @@ def test_every_zoo_model_runs_forward_and_backward(name):
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d", "wide_resnet50_2"])
+@pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v2"])
 def test_torchvision_weights_load_with_identical_outputs(name):
     torch.manual_seed(0)
     reference = getattr(torchvision.models, name)().eval()
@@ -50,17 +50,25 @@ def test_gate_free_model_equals_plain_model(kind):
 
 @pytest.mark.parametrize("name, size", [("resnet20", 28), ("preresnet110", 32), ("preresnet164", 32),
                                         ("resnet50", 64), ("vgg16", 32), ("cnn4", 28), ("resnet18", 33),
-                                        ("resnext29_8x64d", 16), ("stencils", 15)])
+                                        ("resnext29_8x64d", 16), ("stencils", 15), ("mobilenet_v2", 67),
+                                        ("mobilenet_v2_cifar", 28), ("mobilenet_v2_stencils", 30)])
 def test_spec_cost_matches_hook_counts_and_torch_flop_counter(name, size):
-    spec = zoo_spec("resnet20" if name == "stencils" else name)
-    if name == "stencils":  # constant-input biases: parameters, but a bias map per batch, not per-image MACs
+    spec = zoo_spec({"stencils": "resnet20", "mobilenet_v2_stencils": "mobilenet_v2_cifar"}.get(name, name))
+    bias_maps = 0  # constant-input biases: parameters, but a bias map per batch, not per-image MACs
+    if name == "stencils":
         for stage in spec.stages:
             stage[0].stencil = True
+        bias_maps = sum(16 * 2 ** s * 9 * (-(-size // 2 ** s)) ** 2 for s in range(3))
+    if name == "mobilenet_v2_stencils":  # 1x1 projections: one bias map of each block's output size
+        side = size
+        for _, _, block in spec.blocks():
+            side = -(-side // block.stride)
+            block.stencil = True
+            bias_maps += block.out * side * side
     model = build(spec)
     cost = spec_cost(spec, (size, size))
     assert cost.params == count_params(model)
     assert cost.macs == count_macs(model, (3, size, size))
-    bias_maps = sum(16 * 2 ** s * 9 * (-(-size // 2 ** s)) ** 2 for s in range(3)) if name == "stencils" else 0
     assert 2 * count_macs(model, (3, size, size), include_bn=False) + 2 * bias_maps == count_flops_torch(model, (3, size, size))
 
 
@@ -81,12 +89,54 @@ def test_from_torchvision_gives_the_spec_and_equal_outputs(name, weights):
     torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("options", [{}, {"width_mult": 0.5, "num_classes": 7}, {"width_mult": 1.4, "dropout": 0.5}])
+def test_mobilenet_v2_from_torchvision_gives_the_spec_and_equal_outputs(options):
+    """Random weights and trained-looking BN statistics, in eval mode: the same logits, bit for bit."""
+    from prunekit.models.imports import from_torchvision
+    from prunekit.spec import mobilenet_v2_spec
+
+    torch.manual_seed(0)
+    reference = torchvision.models.mobilenet_v2(**options)
+    with torch.no_grad():
+        for m in reference.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2), m.bias.normal_(0, 0.2)
+    ours, spec = from_torchvision(reference.eval())
+    expected = mobilenet_v2_spec(width_mult=options.get("width_mult", 1.0), num_classes=options.get("num_classes", 1000))
+    expected.dropout = options.get("dropout", 0.2)
+    assert spec == expected and not ours.training
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=0)
+    loaded = build(spec).eval()
+    loaded.load_state_dict(reference.state_dict())
+    torch.testing.assert_close(loaded(x), reference(x), rtol=0, atol=0)
+
+
+def test_mobilenet_v2_specs_have_the_published_sizes():
+    """torchvision's mobilenet_v2: 3,504,872 parameters, 300.8M MACs at 224 (ours add 6.7M for the BNs)."""
+    spec = zoo_spec("mobilenet_v2", num_classes=1000)
+    cost = spec_cost(spec, (224, 224))
+    assert cost.params == 3_504_872 and count_params(torchvision.models.mobilenet_v2()) == cost.params
+    assert count_macs(build(spec), (3, 224, 224), include_bn=False) == 300_774_272
+    assert [len(stage) for stage in spec.stages] == [1, 2, 3, 4, 3, 3, 1]
+    assert sum(b.shortcut == "identity" for _, _, b in spec.blocks()) == 10
+    cifar = zoo_spec("mobilenet_v2_cifar", in_channels=1)
+    assert (cifar.stem_stride, cifar.stages[1][0].stride, cifar.head) == (1, 1, 1280)
+    assert build(cifar).features(torch.zeros(1, 1, 32, 32)).shape == (1, 1280, 4, 4)
+
+
 def test_an_unsupported_module_is_one_line_naming_what_cannot_be_represented():
     from prunekit.models.imports import from_torchvision
     from prunekit.spec import SpecError
 
-    with pytest.raises(SpecError, match="^from_torchvision: MobileNetV2: only torchvision's ResNet family"):
-        from_torchvision(torchvision.models.mobilenet_v2())
+    with pytest.raises(SpecError, match="^from_torchvision: MobileNetV3: only torchvision's ResNet family"):
+        from_torchvision(torchvision.models.mobilenet_v3_small())
+    odd_mobilenet = torchvision.models.mobilenet_v2()
+    odd_mobilenet.features[5].conv[1][2] = torch.nn.ReLU()
+    with pytest.raises(SpecError, match=r"^from_torchvision: features\.5\.conv\.1: expected Conv2d, BatchNorm2d, "
+                                        r"ReLU6, got Conv2d, BatchNorm2d, ReLU;") as error:
+        from_torchvision(odd_mobilenet)
+    assert "\n" not in str(error.value)
     odd = torchvision.models.resnet18()
     odd.layer2[1].conv2 = torch.nn.Conv2d(128, 128, 3, padding=2, dilation=2, bias=False)
     with pytest.raises(SpecError, match=r"^from_torchvision: layer2\.1\.conv2: expected a bias-free 3x3 conv") as error:

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -39,6 +40,31 @@ def test_malformed_specs_name_the_field(mutate, field):
     mutate(data)
     with pytest.raises(S.SpecError, match=field.replace("[", r"\[").replace("]", r"\]")):
         S.from_dict(data)
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d["stages"][0][0].update(inner=[16]), "spec.stages[0][0].inner: a block without expansion has its "
+                                                     "input's width (32)"),
+    (lambda d: d["stages"][1][0].update(shortcut="identity"), "spec.stages[1][0].shortcut: an identity shortcut"),
+    (lambda d: d["stages"][1][1].update(shortcut="conv"), "spec.stages[1][1].shortcut: must be 'identity' or 'none'"),
+    (lambda d: d["stages"][1][1].update(inner=[96, 96]), "spec.stages[1][1].inner: an inverted-residual block has 1"),
+    (lambda d: d.update(stem_stride=4), "spec.stem_stride"),
+    (lambda d: d.update(dropout=1.0), "spec.dropout"),
+    (lambda d: d.pop("head"), "spec.head: required"),
+])
+def test_malformed_mobilenet_specs_name_the_field(mutate, field):
+    data = S.to_dict(zoo_spec("mobilenet_v2_cifar"))
+    mutate(data)
+    with pytest.raises(S.SpecError, match=re.escape(field)):
+        S.from_dict(data)
+
+
+def test_mobilenet_spec_lists_its_blocks_and_layers():
+    spec = zoo_spec("mobilenet_v2", num_classes=1000)
+    assert S.count_layers(spec) == 53  # stem, 2 + 16 × 3 block convs, head conv, classifier
+    assert S.feature_width(spec) == 1280
+    assert [row["blocks"] for row in S.stage_table(spec)] == [1, 2, 3, 4, 3, 3, 1]
+    assert spec.stages[1][1] == S.InvertedResidualSpec([144], 24, 1, "identity")
 
 
 def test_spec_file_errors_name_the_file(tmp_path):

@@ -6,17 +6,19 @@ import re
 from torch import nn
 
 from ..gates import GateConfig
-from ..spec import (IMAGENET_DEPTHS, ConvNetSpec, ResNetSpec, Spec, SpecError, cifar_resnet_spec,
-                    cifar_resnext_spec, cnn4_spec, imagenet_resnet_spec, vgg_spec)
+from ..spec import (IMAGENET_DEPTHS, ConvNetSpec, MobileNetV2Spec, ResNetSpec, Spec, SpecError, cifar_resnet_spec,
+                    cifar_resnext_spec, cnn4_spec, imagenet_resnet_spec, mobilenet_v2_spec, vgg_spec)
 from .convnet import ConvNet
+from .mobilenet import MobileNetV2
 from .resnet import ChannelGroup, ResNet
 
-__all__ = ["build", "create", "zoo_spec", "ZOO", "ChannelGroup", "ResNet", "ConvNet"]
+__all__ = ["build", "create", "zoo_spec", "ZOO", "CLASSIFIERS", "ChannelGroup", "ResNet", "ConvNet", "MobileNetV2"]
 
 ZOO = ("resnet20", "resnet32", "resnet56", "resnet110", "preresnet110", "preresnet164",
        "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "imagenet-preresnet50",
        "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2",
-       "resnext29_8x64d", "resnext29_16x64d", "vgg16", "vgg19", "cnn4")
+       "resnext29_8x64d", "resnext29_16x64d", "vgg16", "vgg19", "cnn4", "mobilenet_v2", "mobilenet_v2_cifar")
+CLASSIFIERS = ("fc", "classifier.1")  # the classifier's name in the ResNet and plain families, and in MobileNetV2
 
 
 def zoo_spec(name: str, *, num_classes: int = 10, in_channels: int = 3, shortcut: str | None = None) -> Spec:
@@ -26,9 +28,12 @@ def zoo_spec(name: str, *, num_classes: int = 10, in_channels: int = 3, shortcut
     `resnextD_CxWd` is torchvision's ResNeXt (D in 50/101/152) or a CIFAR ResNeXt (D = 9n+2);
     `wide_resnetD_K` torchvision's wide ResNet; `preresnetD` is a pre-activation CIFAR ResNet with option-A shortcuts (basic 6n+2; bottleneck
     for 164, as He et al.); `imagenet-preresnetD` is the pre-activation ImageNet ResNet of ε-ResNet;
-    `vggD` a CIFAR VGG with BatchNorm; `cnn4` the 4-layer CNN of Ye et al.
+    `vggD` a CIFAR VGG with BatchNorm; `cnn4` the 4-layer CNN of Ye et al.; `mobilenet_v2` torchvision's
+    MobileNetV2 and `mobilenet_v2_cifar` its variant for 28–32 px images (see `spec.mobilenet_v2_spec`).
     """
     kw = {"num_classes": num_classes, "in_channels": in_channels}
+    if name in ("mobilenet_v2", "mobilenet_v2_cifar"):
+        return mobilenet_v2_spec(cifar=name.endswith("cifar"), **kw)
     grouped = re.fullmatch(r"resnext(\d+)_(\d+)x(\d+)d|wide_resnet(\d+)_(\d+)", name)
     if grouped:
         depth, cardinality, width, wide_depth, factor = grouped.groups()
@@ -59,10 +64,12 @@ def build(spec: Spec, gates: GateConfig | None = None, side_head: tuple[int, int
     """The only way a model comes to be: a network exactly as its spec describes it."""
     if isinstance(spec, ResNetSpec):
         return ResNet(spec, gates, side_head)
+    if side_head is not None:
+        raise SpecError("side_head: only ResNets have a side classifier")
     if isinstance(spec, ConvNetSpec):
-        if side_head is not None:
-            raise SpecError("side_head: only ResNets have a side classifier")
         return ConvNet(spec, gates)
+    if isinstance(spec, MobileNetV2Spec):
+        return MobileNetV2(spec, gates)
     raise SpecError(f"not a spec: {type(spec).__name__}")
 
 

@@ -28,6 +28,11 @@ class ConvLayer(nn.Module):
         out = self.conv(x) + self.stencil(x) if hasattr(self, "stencil") else self.conv(x)
         return self.pool(F.relu(gated_batch_norm(self.bn, self.gate, out)))
 
+    def add_stencils(self) -> None:
+        """A zero constant-input bias on the conv, if it has none yet."""
+        if not hasattr(self, "stencil"):
+            self.stencil = ConstantInputBias(self.conv)
+
 
 class ConvNet(nn.Module):
     """Conv layers, then global average pooling and one linear classifier."""

@@ -3,6 +3,7 @@ ImageNet ResNets whose parameter names match torchvision's, so its state_dicts l
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +17,8 @@ from ..spec import BlockSpec, ResNetSpec
 class ChannelGroup:
     """Channels produced by `conv`, normalised by `bn`, scaled by `gate` and read by `consumer`.
 
-    These are the channels that can be pruned: slicing `conv` outputs, `bn` and `consumer` inputs
-    together keeps the network consistent.
+    These are the channels that can be pruned: slicing `conv` outputs, the `through` layers, `bn` and
+    `consumer` inputs together keeps the network consistent. A channel whose γ is 0 emits `activation(β)`.
     """
 
     name: str
@@ -27,6 +28,8 @@ class ChannelGroup:
     consumer: nn.Module
     conv_stencil: tuple[nn.Module, str] | None = None  # (module, attribute) of conv's ConstantInputBias slot
     consumer_stencil: tuple[nn.Module, str] | None = None  # the same for the consumer (None for a Linear)
+    through: tuple[nn.Module, ...] = ()  # per-channel layers between conv and bn (MobileNetV2: a BN, a depthwise conv)
+    activation: Callable[[torch.Tensor], torch.Tensor] = F.relu
 
 
 @dataclass
@@ -145,6 +148,20 @@ class ResidualBlock(nn.Module):
             shortcut = self.downsample(x)
         out = shortcut if not self.spec.has_branch else self.gated_branch(x, pre) + shortcut
         return out if self.preact else F.relu(out)
+
+    def branch_convs(self) -> list[nn.Conv2d]:
+        return [getattr(self, f"conv{i}") for i in range(1, self.num_convs + 1)]
+
+    def gated_layer(self) -> nn.Module:
+        """The layer whose output the block gate scales (compression folds the gate into it): the last
+        BN, or the last conv of a pre-activation block."""
+        return getattr(self, f"conv{self.num_convs}" if self.preact else f"bn{self.num_convs}")
+
+    def add_stencils(self) -> None:
+        """A zero constant-input bias on every conv after the first that has none yet."""
+        for i in range(2, self.num_convs + 1):
+            if not hasattr(self, f"stencil{i}"):
+                setattr(self, f"stencil{i}", ConstantInputBias(getattr(self, f"conv{i}")))
 
     def channel_groups(self, prefix: str) -> list[ChannelGroup]:
         """Inner channels pruned one by one (none in a grouped block, whose channels go by whole groups)."""

@@ -5,20 +5,21 @@ Layout of the pipeline directory:
     sparse/       sparse training started from the dense weights, steered to the MACs target
     compressed/   spec.json, model.safetensors, card.json/.md
     finetune/     fine-tuning of the compressed spec
-    result.json   every figure of the report; report.md the same as a Markdown table
+    result.json   every figure of the report
+    report.md     the figures as a table and the plots (*.png) of `prunekit report`
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
-from .checkpoint import atomic_write_json, atomic_write_text, load_weights
+from .checkpoint import atomic_write_json, load_weights
 from .compress import compress_run
 from .config import Config
 from .measure import measure_latency, spec_cost
 from .protocols import export_accuracy, finetune
+from .report import report_table, write_report
 from .runner import input_size, train
 
 DEFAULT_TARGET_MACS = 0.5
@@ -61,23 +62,6 @@ def run_pipeline(config: Config, out: str | Path, *, resume: bool = False, force
            "latency_ms_b64_final": measure_latency(tuned["model"].cpu(), size, 64).median_ms,
            "max_logit_difference": card["max_logit_difference"], "minutes": (time.perf_counter() - start) / 60}
     atomic_write_json(out / "result.json", row)
-    atomic_write_text(out / "report.md", report_table([row]))
     say(report_table([row]))
+    say(f"report and plots: {write_report([out], out)}")
     return row
-
-
-def report_table(rows: list[dict]) -> str:
-    """Accuracy (dense / sparse / compressed / final), params, MACs, latency and speed-up side by side."""
-    lines = ["| method | model | dense acc | sparse acc | compressed acc | final acc | params | MACs kept | "
-             "latency b64 (ms) | speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['model']} | {r['dense_acc']:.4f} | {r['sparse_acc']:.4f} | "
-                     f"{r['compressed_acc']:.4f} | {r['final_acc']:.4f} | {r['params_final']:,} / "
-                     f"{r['params_dense']:,} | {r['macs_final'] / r['macs_dense']:.1%} | "
-                     f"{r['latency_ms_b64_final']:.1f} | "
-                     f"{r['latency_ms_b64_dense'] / r['latency_ms_b64_final']:.2f}x |")
-    return "\n".join(lines) + "\n"
-
-
-def load_rows(paths) -> list[dict]:
-    return [json.loads((Path(p) / "result.json").read_text()) for p in paths]

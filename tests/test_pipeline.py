@@ -3,6 +3,8 @@ import json
 import struct
 
 from prunekit.cli import main
+from prunekit.progress import read_steps
+from prunekit.report import read_metrics
 
 
 def test_run_then_report(tmp_path, tiny_fmnist):
@@ -17,12 +19,15 @@ def test_run_then_report(tmp_path, tiny_fmnist):
         assert key in row, key
     assert abs(row["macs_final"] / row["macs_dense"] - 0.5) <= 0.02
     assert row["max_logit_difference"] < 1e-3
-    table = (out / "report.md").read_text().splitlines()
-    assert table[0].startswith("| method | model | dense acc | sparse acc | compressed acc | final acc")
+    written = (out / "report.md").read_text()  # `prunekit run` ends with the report and its plots
+    assert "| method | model | dense acc | sparse acc | compressed acc | final acc" in written
+    plots = {"pareto.png", "curves.png", "structure.png", "kept.png", "budget.png"}
+    assert {p.name for p in out.glob("*.png")} >= plots
+    assert all(f"]({name})" in written for name in plots)
     report = tmp_path / "report"
     assert main(["report", str(out), "--out", str(report)]) == 0
     pngs = sorted(report.glob("*.png"))
-    assert {p.name for p in pngs} >= {"curves.png", "structure.png", "budget.png", "accuracy-vs-macs.png"}
+    assert {p.name for p in pngs} >= plots
     assert "![budget](budget.png)" in (report / "report.md").read_text()
     for png in pngs:
         data = png.read_bytes()
@@ -30,3 +35,5 @@ def test_run_then_report(tmp_path, tiny_fmnist):
         width, height = struct.unpack(">II", data[16:24])
         assert width >= 400 and height >= 300
     assert "| sss | resnet20 |" in (report / "report.md").read_text()
+    for part in ("dense", "sparse", "finetune"):  # every run recorded each step's LR
+        assert len(read_steps(out / part)) == len(read_metrics(out / part)) * 6  # 96 images, 16 a batch

@@ -35,7 +35,7 @@ from .engine import Trainer
 from .errors import FileFormatError, one_line, read_json
 from .gates import GateConfig
 from .methods import Distillation, build_method, gate_config, side_head_position
-from .models import build, zoo_spec
+from .models import CLASSIFIERS, build, zoo_spec
 from .schedule import make_policy
 
 
@@ -79,12 +79,13 @@ def check_device(preference: str) -> None:
 
 
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-                      "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2")
+                      "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2", "mobilenet_v2")
 
 
 def read_state_dict(path: str | Path, num_classes: int) -> dict:
     """A state_dict file (.pth/.pt with weights_only=True, or .safetensors), e.g. torchvision's weights; a
-    classifier for another class count is left out, so the run's head starts fresh for its own data."""
+    classifier (`fc`, MobileNetV2's `classifier.1`) for another class count is left out, so the run's head
+    starts fresh for its own data."""
     path = Path(path)
     try:
         weights = (load_weights(path) if path.suffix == ".safetensors"
@@ -93,9 +94,10 @@ def read_state_dict(path: str | Path, num_classes: int) -> dict:
         raise ConfigError(f"{path}: not a readable state_dict ({one_line(exc, 200)})") from None
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise ConfigError(f"{path}: not a state_dict (a mapping of names to tensors)")
-    head = weights.get("fc.weight")
-    if head is not None and head.shape[0] != num_classes:
-        weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
+    for head in CLASSIFIERS:
+        weight = weights.get(f"{head}.weight")
+        if weight is not None and weight.shape[0] != num_classes:
+            weights = {k: v for k, v in weights.items() if not k.startswith(f"{head}.")}
     return weights
 
 
@@ -328,7 +330,7 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, force: b
     if initial_weights is None and config.weights:
         initial_weights = read_state_dict(config.weights, spec.num_classes)
     if initial_weights is not None:
-        load_into(model, initial_weights, optional=("fc.",) if config.weights else ())
+        load_into(model, initial_weights, optional=tuple(f"{head}." for head in CLASSIFIERS) if config.weights else ())
     if config.sync_bn and ctx.enabled:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     teacher = None

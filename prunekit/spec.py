@@ -327,8 +327,9 @@ def validate(spec: Spec) -> None:
 
 def check_input_size(spec: Spec, size: int) -> None:
     """Refuse a plain network whose kernels or pools do not fit a `size`×`size` input (e.g. VGG's five
-    2×2 pools on 28×28 images). A ResNet's strided convs and pools are padded: never below 1×1."""
-    if isinstance(spec, ResNetSpec):
+    2×2 pools on 28×28 images). A ResNet's or MobileNetV2's strided convs and pools are padded: never
+    below 1×1."""
+    if not isinstance(spec, ConvNetSpec):
         return
     side = size
     for i, layer in enumerate(spec.layers):

@@ -112,8 +112,12 @@ def test_mobilenet_v2_from_torchvision_gives_the_spec_and_equal_outputs(options)
     torch.testing.assert_close(loaded(x), reference(x), rtol=0, atol=0)
 
 
-def test_mobilenet_v2_specs_have_the_published_sizes():
+def test_mobilenet_v2_specs_have_the_published_sizes(capsys):
     """torchvision's mobilenet_v2: 3,504,872 parameters, 300.8M MACs at 224 (ours add 6.7M for the BNs)."""
+    from prunekit.cli import main
+
+    assert main(["info", "mobilenet_v2", "--num-classes", "1000", "--image-size", "224"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "layers 53  params 3,504,872  MACs 307,452,384 (input 3x224x224)"
     spec = zoo_spec("mobilenet_v2", num_classes=1000)
     cost = spec_cost(spec, (224, 224))
     assert cost.params == 3_504_872 and count_params(torchvision.models.mobilenet_v2()) == cost.params
@@ -142,3 +146,23 @@ def test_an_unsupported_module_is_one_line_naming_what_cannot_be_represented():
     with pytest.raises(SpecError, match=r"^from_torchvision: layer2\.1\.conv2: expected a bias-free 3x3 conv") as error:
         from_torchvision(odd)
     assert "\n" not in str(error.value)
+
+
+def test_prunekit_train_starts_from_torchvision_mobilenet_v2_weights(tmp_path, tiny_fmnist):
+    """`--model torchvision:mobilenet_v2 --weights FILE`: the 10 classes are the data's, torchvision's
+    1000-class head is left out, every other tensor loads (here a 1-channel stem, as for Fashion-MNIST)."""
+    from prunekit.cli import main
+    from prunekit.runner import load_final
+
+    torch.manual_seed(0)
+    reference = torchvision.models.mobilenet_v2()
+    reference.features[0][0] = torch.nn.Conv2d(1, 32, 3, 2, 1, bias=False)
+    torch.save(reference.state_dict(), tmp_path / "mobilenet_v2.pth")
+    assert main(["train", "--model", "torchvision:mobilenet_v2", "--weights", str(tmp_path / "mobilenet_v2.pth"),
+                 "--data-dir", str(tiny_fmnist), "--epochs", "1", "--batch-size", "48", "--lr", "0",
+                 "--weight-decay", "0", "--out", str(tmp_path / "run")]) == 0
+    spec, _, weights, _ = load_final(tmp_path / "run" / "final")
+    assert spec == zoo_spec("mobilenet_v2", num_classes=10, in_channels=1)
+    trained = {k: v for k, v in weights.items() if "running" not in k and "num_batches" not in k}
+    assert weights["classifier.1.weight"].shape == (10, 1280)
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in trained.items() if not k.startswith("classifier"))

@@ -207,8 +207,10 @@ def cmd_train(args) -> int:
 
 def usual_dataset(spec: specs.Spec) -> str:
     """The dataset a network of this shape is usually trained on, which sizes its input where no run
-    records one: ImageNet for an ImageNet stem, else Fashion-MNIST for one input channel, CIFAR-10 for more."""
-    if getattr(spec, "imagenet_stem", False):
+    records one: ImageNet for an ImageNet stem (ResNet's 7×7/2 and pool, MobileNetV2's stride 2), else
+    Fashion-MNIST for one input channel, CIFAR-10 for more."""
+    if (isinstance(spec, specs.ResNetSpec) and spec.imagenet_stem
+            or isinstance(spec, specs.MobileNetV2Spec) and spec.stem_stride == 2):
         return "imagenet"
     return "fashion-mnist" if spec.in_channels == 1 else "cifar10"
 

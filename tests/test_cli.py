@@ -299,6 +299,7 @@ def last_line(capsys) -> str:
 def test_info_sizes_the_input_like_the_run_or_the_models_usual_dataset(sss_run, tmp_path, capsys):
     expected = {("resnet56",): "params 855,770 MACs 126,292,608 (input 3x32x32)",  # CIFAR-10
                 ("resnet50",): "(input 3x224x224)",  # ImageNet: 1000 classes
+                ("mobilenet_v2",): "(input 3x224x224)", ("mobilenet_v2_cifar",): "(input 3x32x32)",
                 ("cnn4", "--in-channels", "1"): "(input 1x28x28)",  # one channel: Fashion-MNIST
                 ("resnet20", "--data", "imagenet"): "(input 3x224x224)",
                 ("resnet20", "--image-size", "40"): "(input 3x40x40)",

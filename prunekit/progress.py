@@ -56,7 +56,7 @@ class Progress:
         self.terminal = enabled and (self.stream.isatty() if terminal is None else terminal)
         self.every_s, self.clock = every_s, clock
         self.writer, self.tensorboard, self.purge_step = None, True, None
-        self.epoch, self.steps, self.records, self.bar = 0, 1, [], None
+        self.epoch, self.steps, self.records, self.bar, self.shown = 0, 1, [], None, {}
         self.last_line = None  # clock time of the last progress line
         self.eval_s, self.eval_so_far = 0.0, 0.0  # evaluation time of the last epoch, and of this one so far
 
@@ -103,7 +103,8 @@ class Progress:
     # --- an epoch ----------------------------------------------------------------------------
 
     def start_epoch(self, epoch: int, steps: int) -> None:
-        self.epoch, self.steps, self.records = epoch, steps, []
+        """Epoch `epoch` (0-based) of `steps` steps begins: its clock starts and, on a terminal, its bar."""
+        self.epoch, self.steps, self.records, self.shown = epoch, steps, [], {}
         self.started = self.last_read_time = self.clock()
         self.last_read_images = 0
         self.eval_so_far = 0.0
@@ -123,8 +124,7 @@ class Progress:
         self.records.append({"step": self.global_step(step_in_epoch),
                              "epoch": round(self.epoch + step_in_epoch / self.steps, 6), "lr": lr})
         if self.bar is not None:
-            if step_in_epoch == 0:
-                self.bar.set_postfix_str(f"lr={lr:.4g}", refresh=False)
+            self._show({"lr": f"{lr:.4g}"})
             self.bar.update(1)
 
     def eta(self, done: int) -> float:
@@ -144,23 +144,31 @@ class Progress:
         self.last_read_time, self.last_read_images = now, images
         record = self.records[-1]
         record.update(loss=loss, images_per_s=speed)
-        eta = self.eta(done)
-        numbers = f"loss={loss:.4g} lr={record['lr']:.4g} images/s={speed:.0f} eta={duration(eta)}"
+        numbers = {"loss": f"{loss:.4g}", "lr": f"{record['lr']:.4g}", "images/s": f"{speed:.0f}",
+                   "eta": duration(self.eta(done))}
         if self.bar is not None:
-            self.bar.set_postfix_str(numbers, refresh=False)
+            self._show(numbers)
         elif self.last_line is None or now - self.last_line >= self.every_s:
             self.last_line = now
-            self.log(f"epoch {self.epoch + 1}/{self.epochs} step {done}/{self.steps} {numbers}")
+            self.log(f"epoch {self.epoch + 1}/{self.epochs} step {done}/{self.steps} "
+                     + " ".join(f"{key}={value}" for key, value in numbers.items()))
         self._scalars("train", {"loss": loss, "lr": record["lr"], "images_per_s": speed}, record["step"])
 
     def end_training(self, metrics: dict) -> None:
         """The epoch's training is over (`metrics` as the trainer logs them): its bar shows the epoch's
         loss and speed and stays."""
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss={metrics['train_loss']:.4g} lr={metrics['lr']:.4g} "
-                                     f"images/s={metrics['train_images_per_s']:.0f}", refresh=False)
+            self.shown = {}
+            self._show({"loss": f"{metrics['train_loss']:.4g}", "lr": f"{metrics['lr']:.4g}",
+                        "images/s": f"{metrics['train_images_per_s']:.0f}"})
             self.bar.close()
             self.bar = None
+
+    def _show(self, numbers: dict[str, str]) -> None:
+        """Update the bar's numbers (drawn at its next refresh), in the order of the progress lines."""
+        self.shown.update(numbers)
+        self.bar.set_postfix_str(" ".join(f"{key}={self.shown[key]}" for key in ("loss", "lr", "images/s", "eta")
+                                          if key in self.shown), refresh=False)
 
     def evaluation(self, loader, name: str):
         """Iterate `loader` under a bar (on a terminal), timing it for the ETA."""

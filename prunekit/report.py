@@ -169,7 +169,10 @@ def plot_kept(runs: list[Path], out: Path) -> Path | None:
                 original = [b for b in stage_before if b.has_branch]
                 survivors = [b for b in stage_after if b.has_branch]
                 xs += [sum(slots[:s]) + j for j in range(len(survivors))]
-                kept += [sum(b.inner) / sum(original[0].inner) for b in survivors]
+                # only identity blocks can go, and a stage's identity blocks share their widths: the first
+                # survivor is the stage's first block, any other stands for one of its later blocks
+                kept += [sum(b.inner) / sum((original[0] if j == 0 else original[-1]).inner)
+                         for j, b in enumerate(survivors)]
                 stage_kept.append(len(survivors) / max(len(original), 1))
         widths.bar([x + (i - (len(pairs) - 1) / 2) * bar for x in xs], kept, bar, color=colours[run],
                    label=_label(run))

@@ -64,13 +64,15 @@ def test_on_a_terminal_one_bar_per_epoch_with_the_numbers_and_a_bar_per_evaluati
     assert [line for line in lines if line.startswith("epoch ")] == []  # no progress lines besides the bars
 
 
-def test_a_read_puts_its_numbers_and_the_eta_on_the_bar():
+def test_the_bar_carries_each_steps_lr_and_the_last_reads_numbers():
     progress = Progress(1, print, terminal=True, stream=io.StringIO())
     progress.start_epoch(0, 10)
     for step in range(4):
         progress.step(step, 0.05)
     progress.read(4, 1.5, 64)
     assert re.fullmatch(r"loss=1.5 lr=0.05 images/s=\d+ eta=\d+:\d\d", progress.bar.postfix)
+    progress.step(4, 0.04)  # each step's LR, with the last read's other numbers
+    assert re.fullmatch(r"loss=1.5 lr=0.04 images/s=\d+ eta=\d+:\d\d", progress.bar.postfix)
     progress.close()
 
 

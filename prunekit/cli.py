@@ -39,7 +39,7 @@ OPTION_HELP = {
     "batch_size": "per process: under torchrun the global batch is this × the number of processes (logged)",
     "data": "dataset: Fashion-MNIST or MNIST idx files, CIFAR-10/100 python pickles, SVHN .mat files, "
             "scikit-learn's digits, or ImageNet-style class folders (imagenet: DIR/{train,val}/CLASS/IMAGE, "
-            "any number of classes)",
+            "any number of classes); finetune and scratch default to the data of the run the export came from",
     "data_dir": "directory holding the dataset's files (default: /usr/share/datasets/fashion-mnist for "
                 "Fashion-MNIST; digits needs none; any other dataset needs one)",
     "train_subset": "train on this many training images only: a seeded draw across the classes of an image "
@@ -196,6 +196,18 @@ def _config(args, defaults: dict | None = None) -> Config:
     return resolve(args.recipe, overrides, defaults)
 
 
+DATA_FIELDS = ("data", "data_dir", "train_subset", "extra_data", "pad", "flip")  # what a retraining inherits
+
+
+def _source_data(path) -> dict:
+    """The data fields of the run an export (or a spec) came from, as defaults for retraining it: a
+    compressed Fashion-MNIST model is fine-tuned on Fashion-MNIST unless a recipe or flag says otherwise."""
+    from .runner import source_config
+
+    recorded = source_config(path)
+    return {k: getattr(recorded, k) for k in DATA_FIELDS} if recorded else {}
+
+
 def cmd_train(args) -> int:
     from .runner import train
 
@@ -322,7 +334,8 @@ def cmd_finetune(args) -> int:
     from .protocols import finetune
 
     explicit = {field: getattr(args, flag) for flag, field in FINETUNE_FLAGS.items()}  # validated as the flags
-    config = dataclasses.replace(_config(args), **{k: v for k, v in explicit.items() if v is not None})
+    config = dataclasses.replace(_config(args, _source_data(args.path)),
+                                 **{k: v for k, v in explicit.items() if v is not None})
     result = finetune(args.path, config, args.out, resume=args.resume, force=args.force)
     print(f"fine-tuned {args.out}: test accuracy {result['history'][-1]['test_acc']:.4f}")
     return 0
@@ -331,7 +344,8 @@ def cmd_finetune(args) -> int:
 def cmd_scratch(args) -> int:
     from .protocols import scratch
 
-    result = scratch(args.path, _config(args), args.out, budget=args.budget, resume=args.resume, force=args.force)
+    result = scratch(args.path, _config(args, _source_data(args.path)), args.out, budget=args.budget,
+                     resume=args.resume, force=args.force)
     print(f"scratch-{args.budget} {args.out}: {result['history'][-1]['epoch']} epochs, "
           f"test accuracy {result['history'][-1]['test_acc']:.4f}")
     return 0

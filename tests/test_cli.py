@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from prunekit.cli import CONFIG_DEFAULTS, build_parser, main
+from prunekit.cli import CONFIG_DEFAULTS, DATA_FIELDS, build_parser, main
 from prunekit.compress import load_any
 from prunekit.measure import spec_cost
 from prunekit.methods import dead_structures, sparsity_metrics
@@ -165,15 +165,19 @@ def test_missing_data_and_existing_run_are_refused(tmp_path, tiny_fmnist, capsys
     assert (out / "final" / "model.safetensors").read_bytes() == before
 
 
-def test_finetune_honours_epochs_and_lr(tmp_path, tiny_fmnist):
+def test_finetune_honours_epochs_and_lr_and_keeps_the_runs_data(tmp_path, tiny_fmnist):
+    """No --data/--data-dir: the export is fine-tuned on the data its run trained on."""
     out = tmp_path / "sss"
     assert run_cli("train", *TINY, "--data-dir", tiny_fmnist, "--method", "sss", "--target-macs", "0.6",
-                   "--schedule", "constant", "--out", out) == 0
+                   "--schedule", "constant", "--no-flip", "--out", out) == 0
     assert run_cli("compress", out) == 0
-    assert run_cli("finetune", out / "compressed", "--data-dir", tiny_fmnist, "--epochs", "3", "--lr", "0.05",
+    assert run_cli("finetune", out / "compressed", "--epochs", "3", "--lr", "0.05",
                    "--batch-size", "32", "--out", tmp_path / "ft") == 0
     record = json.loads((tmp_path / "ft" / "config.json").read_text())["config"]
+    source = json.loads((out / "config.json").read_text())["config"]
     assert (record["epochs"], record["lr"]) == (3, 0.05)
+    assert {k: record[k] for k in DATA_FIELDS} == {k: source[k] for k in DATA_FIELDS}
+    assert record["data_dir"] == str(tiny_fmnist) and record["flip"] is False
 
 
 def test_report_names_a_damaged_metrics_line(tmp_path, capsys):

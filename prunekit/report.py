@@ -75,7 +75,7 @@ def _epoch_axis(ax) -> None:
 
 def _marks(points: int) -> dict:
     """A marker on every point of a short series, so that a run of one epoch (or a few steps) shows."""
-    return {"marker": "o", "markersize": 4} if points <= 60 else {}
+    return {"marker": "o", "markersize": 4} if points <= 30 else {}
 
 
 def plot_curves(runs: list[Path], out: Path) -> Path:
@@ -127,6 +127,8 @@ def plot_signatures(runs: list[Path], out: Path) -> Path | None:
                     label=_label(run), **_marks(len(metrics)))
         ax.set(title=SIGNATURES[key])
         _epoch_axis(ax)
+        if all(isinstance(m.get(key, 0), int) for _, metrics in items for m in metrics):  # counts
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=6)
     return _save(fig, out / "signatures.png")
 
@@ -269,8 +271,9 @@ def plot_gate_histogram(run: Path, out: Path, colour: str) -> Path | None:
     values = torch.cat([weights[k].flatten() for k in keys]).numpy()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist(values, bins=60, color=colour)
-    ax.set(xlabel="factor value", ylabel="count", title=f"{_label(run)}: {gates.kind or 'BN γ'} values "
-                                                         f"({int((values == 0).sum())} exactly zero)")
+    factors = "BN γ" if gates.kind in (None, "bn") else f"{gates.kind} gate"
+    ax.set(xlabel="factor value", ylabel="count",
+           title=f"{_label(run)}: {factors} values ({int((values == 0).sum())} exactly zero)")
     return _save(fig, out / f"gates-{run.parent.name}-{run.name}.png")
 
 
@@ -327,7 +330,8 @@ def plot_pareto(pipelines: list[tuple[Path, dict]], runs: list[Path], out: Path)
             mine = [p for p in shown if p["source"] == source]
             ax.plot([p[key] / unit for p in mine], [p["acc"] for p in mine], color=colours[source], lw=0.8, alpha=0.6)
             for p in mine:
-                style = {"markerfacecolor": "none", "markersize": 11} if p["kind"] == "compressed" else {"markersize": 7}
+                hollow = p["kind"] == "compressed"  # drawn larger, so that a fine-tuned point on it shows
+                style = {"markerfacecolor": "none", "markersize": 11} if hollow else {"markersize": 7}
                 ax.plot(p[key] / unit, p["acc"], PARETO_KINDS[p["kind"]][0], color=colours[source], **style)
         front = pareto_front([(p[key] / unit, p["acc"]) for p in shown])
         right = max(p[key] / unit for p in shown)  # past its last point the front stays at its best accuracy

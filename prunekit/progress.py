@@ -30,17 +30,19 @@ def duration(seconds: float) -> str:
 
 
 def read_steps(run_dir: Path) -> list[dict]:
-    """RUN/steps.jsonl, without the lines a killed append left unfinished."""
+    """RUN/steps.jsonl, without the lines a killed append left unfinished (or any other damaged line)."""
     path = Path(run_dir) / STEPS_FILE
     if not path.exists():
         return []
     records = []
     for line in path.read_text(errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
-    return [r for r in records if isinstance(r, dict) and "step" in r and "epoch" in r and "lr" in r]
+        if isinstance(record, dict) and all(type(record.get(key)) in (int, float) for key in ("step", "epoch", "lr")):
+            records.append(record)
+    return records
 
 
 class Progress:

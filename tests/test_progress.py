@@ -110,7 +110,7 @@ def test_a_resumed_run_records_each_step_once(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         tiny_setup(tmp_path, "none", callbacks=[StopAt(2)]).fit()
     with open(tmp_path / "steps.jsonl", "a") as file:  # an epoch the checkpoint lacks, then a killed append
-        file.write(json.dumps({"step": 9, "epoch": 2.0, "lr": 1.0}) + "\n" + '{"step": 10, "ep')
+        file.write(json.dumps({"step": 9, "epoch": 2.0, "lr": 1.0}) + '\n{"step": 9, "epoch": "2", "lr": 1}\n{"step": 10, "ep')
     trainer = tiny_setup(tmp_path, "none")
     history = trainer.fit(resume=True)
     assert [r["step"] for r in read_steps(tmp_path)] == list(range(1, 13))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from prunekit.compress import compress_run
+from prunekit.compress import CompressionError, compress_run
 from prunekit.config import resolve
 from prunekit.distributed import DistContext, pick_device
 from prunekit.engine import Callback, Trainer
@@ -63,7 +63,12 @@ def prunekit_row(method: str, reduction: float, out: Path, tag: str = "") -> dic
     config = protocol(method, target_macs=round(1 - reduction, 4))
     start = time.perf_counter()
     sparse = train(config, out / "sparse", force=True)
-    card = compress_run(out / "sparse", out / "compressed")
+    try:
+        card = compress_run(out / "sparse", out / "compressed")
+    except CompressionError as exc:  # e.g. a penalty that killed everything: a row that says so
+        return {"method": method, "protocol": f"fine-tune{tag}", "reduction_target": reduction, "seed": config.seed,
+                "refused": str(exc).split(": ", 1)[-1], "sparse_acc": sparse["history"][-1]["test_acc"],
+                "minutes": (time.perf_counter() - start) / 60}
     compressed_acc = export_accuracy(out / "compressed", config)
     tuned = finetune(out / "compressed", config, out / "finetune", force=True)
     ms, speedup = latency_speedup(tuned["model"].cpu(), input_size(config))
@@ -153,6 +158,11 @@ def table(rows: list[dict]) -> str:
              "right after compression | final acc | params | latency b64 ms | speed-up b64 | minutes |",
              "|" + "---|" * 13]
     for r in sorted(rows, key=lambda r: (*row_key(r), r.get("seed", 0))):
+        if "refused" in r:
+            lines.append(f"| {r['method']} | {r['protocol']} | {r['reduction_target']:.0%} | {r.get('seed', 0)} | "
+                         f"compression refused: {r['refused'][:90]} | | {pct(r['sparse_acc'])} |" + " |" * 6 +
+                         f" {r['minutes']:.1f} |")
+            continue
         within = "yes" if abs(r["reduction"] - r["reduction_target"]) <= 0.02 else "no"
         lines.append(f"| {r['method']} | {r['protocol']} | {r['reduction_target']:.0%} | {r.get('seed', 0)} | "
                      f"{r['reduction']:.1%} | {within} | {pct(r['sparse_acc'])} | {pct(r['compressed_acc'])} | "

@@ -137,6 +137,11 @@ def assert_sound_run_dir(run: Path, epochs: int = EPOCHS) -> None:
             torch.load(path, map_location="cpu", weights_only=True)
         elif path == run / LOCK:
             assert path.read_text().strip().isdigit(), "the lock holds its last holder's PID"
+        elif path == run / "steps.jsonl":  # each step once, whatever kills and resumes came before
+            steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
+            assert steps == list(range(1, len(steps) + 1)) and len(steps) % epochs == 0, steps
+        elif path.parent == run / "tb":  # TensorBoard's event files
+            continue
         elif path.name != "latest" and path.name != "metrics.jsonl":
             raise AssertionError(f"unexpected file {path}")
     epochs_logged = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -36,6 +36,14 @@ def sparse_config(config: Config) -> Config:
     return dataclasses.replace(config, epochs=config.sparse_epochs, target_macs=target)
 
 
+def distilled(config: Config, out: Path) -> Config:
+    """Sparse training and fine-tuning distil from the dense stage (Hinton KD, `kd_weight`, `kd_temperature`)
+    unless another `teacher` is given or `kd_weight` is 0."""
+    if config.teacher is None and config.kd_weight > 0:
+        return dataclasses.replace(config, teacher=str(out / "dense"))
+    return config
+
+
 def run_pipeline(config: Config, out: str | Path, *, resume: bool = False, force: bool = False, log=None) -> dict:
     """Run every stage into `out` and return the report row."""
     out = Path(out)
@@ -45,13 +53,14 @@ def run_pipeline(config: Config, out: str | Path, *, resume: bool = False, force
     dense = train(dataclasses.replace(config, method="none", target_macs=None, target_params=None),
                   out / "dense", resume=resume, force=force, log=log)
     say(f"[2/4] sparse training ({config.method}, {config.sparse_epochs} epochs) → {out / 'sparse'}")
-    sparse = train(sparse_config(config), out / "sparse", resume=resume, force=force,
+    retrain = distilled(config, out)
+    sparse = train(sparse_config(retrain), out / "sparse", resume=resume, force=force,
                    initial_weights=load_weights(out / "dense" / "final" / "model.safetensors"), log=log)
     say(f"[3/4] compressing → {out / 'compressed'}")
     card = compress_run(out / "sparse", out / "compressed")
     compressed_acc = export_accuracy(out / "compressed", config)
     say(f"[4/4] fine-tuning the compressed model ({config.finetune_epochs} epochs) → {out / 'finetune'}")
-    tuned = finetune(out / "compressed", config, out / "finetune", resume=resume, force=force, log=log)
+    tuned = finetune(out / "compressed", retrain, out / "finetune", resume=resume, force=force, log=log)
     size = input_size(config)
     row = {"method": config.method, "model": config.model,
            "dense_acc": dense["history"][-1]["test_acc"], "sparse_acc": sparse["history"][-1]["test_acc"],

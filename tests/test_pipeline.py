@@ -37,3 +37,15 @@ def test_run_then_report(tmp_path, tiny_fmnist):
     assert "| sss | resnet20 |" in (report / "report.md").read_text()
     for part in ("dense", "sparse", "finetune"):  # every run recorded each step's LR
         assert len(read_steps(out / part)) == len(read_metrics(out / part)) * 6  # 96 images, 16 a batch
+    teachers = {part: json.loads((out / part / "config.json").read_text())["config"]["teacher"]
+                for part in ("dense", "sparse", "finetune")}
+    assert teachers == {"dense": None, "sparse": str(out / "dense"), "finetune": str(out / "dense")}
+
+
+def test_the_pipeline_distils_from_its_dense_stage_unless_told_otherwise(tmp_path):
+    from prunekit.config import make_config
+    from prunekit.pipeline import distilled
+
+    assert distilled(make_config({}), tmp_path).teacher == str(tmp_path / "dense")
+    assert distilled(make_config({"kd_weight": 0.0}), tmp_path).teacher is None
+    assert distilled(make_config({"teacher": "elsewhere"}), tmp_path).teacher == "elsewhere"

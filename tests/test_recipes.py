@@ -19,7 +19,7 @@ SSS_UNITS = {41: [(0, False), (4, True), (6, True), (3, True)],
 
 def test_there_is_a_recipe_per_experiment():
     names = {path.stem for path in RECIPES}
-    assert len(names) == 32
+    assert len(names) == 33
     assert {f"fmnist-{m}" for m in ("sss", "binary-gate", "ista-bn", "slimming", "epsilon-resnet", "none")} <= names
 
 

@@ -21,8 +21,9 @@ FINETUNE_FLAGS = {"epochs": "finetune_epochs", "lr": "finetune_lr"}  # `prunekit
 ALIASES = {"batch_size": ("-b",), "num_workers": ("-j", "--workers")}  # as torchvision's reference scripts
 
 OPTION_HELP = {
-    "model": "zoo name (resnet20, preresnet110, resnet50, resnext29_8x64d, vgg16, cnn4, ...), a spec .json file, "
-             "or torchvision:NAME (resnet18–152, resnext50_32x4d, resnext101_32x8d, wide_resnet50_2/101_2)",
+    "model": "zoo name (resnet20, preresnet110, resnet50, resnext29_8x64d, mobilenet_v2, mobilenet_v2_cifar, vgg16, "
+             "cnn4, ...), a spec .json file, or torchvision:NAME (resnet18–152, resnext50_32x4d, resnext101_32x8d, "
+             "wide_resnet50_2/101_2, mobilenet_v2)",
     "weights": "initial weights: a state_dict file, .pth (loaded with weights_only) or .safetensors, e.g. "
                "torchvision's; a classifier for another class count is left out (default: none)",
     "teacher": "distil from this run or export (Hinton KD on the logits) during training (default: none)",

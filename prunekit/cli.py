@@ -86,8 +86,9 @@ OPTION_HELP = {
     "finetune_lr": "run: learning rate of fine-tuning",
     "lr": f"peak learning rate, at most {MAX_LR:g}",
     "sss_structures": "what SSS gates: channels, blocks, groups (ResNeXt) or a '+' join",
-    "discard_rule": "ε-ResNet: average (moving average reads 1, the authors' code) or weights (also decayed to "
-                    "within --discard-tolerance)",
+    "discard_rule": "ε-ResNet: average (moving average reads 1, the authors' code), weights (also decayed to "
+                    "within --discard-tolerance) or majority (ours: average ≥ 0.5, no evaluation dips while it "
+                    "climbs to 1)",
     "budget_rule": "with a target: exact (penalty per structure ∝ its cost, the freeze ranks |factor|/cost) or "
                    "paper (only the paper's knob is steered: γ, ρ with Ye's c_l, ε; what dies is the paper's rule, "
                    "a final freeze ranks by |factor|)",

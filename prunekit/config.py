@@ -97,7 +97,7 @@ SCHEDULES = ("onecycle", "cosine", "step", "constant", "piecewise")
 SSS_STRUCTURES = ("channels", "blocks", "groups")
 METHODS = ("none", "sss", "binary-gate", "ista-bn", "slimming", "epsilon-resnet")  # = prunekit.methods.METHODS
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "digits", "imagenet")  # = prunekit.data's
-CHOICES = {"schedule": SCHEDULES, "on_nan": ("stop", "skip"), "discard_rule": ("average", "weights"),
+CHOICES = {"schedule": SCHEDULES, "on_nan": ("stop", "skip"), "discard_rule": ("average", "weights", "majority"),
            "budget_rule": ("exact", "paper"), "method": METHODS, "data": DATASETS}
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,2})?")
 

@@ -88,8 +88,12 @@ def epsilon_dropped(block: nn.Module, rule: str = "average", tolerance: float = 
 
     `average` (the authors' compressModel.py): the moving average of is_discarded reads 1 to five
     significant digits (≥ 0.999995). `weights` (their README's wording): that, and every conv weight
-    of the branch has also decayed to within `tolerance` of zero.
+    of the branch has also decayed to within `tolerance` of zero. `majority` (ours, not the paper's):
+    the branch was discarded in most recent steps (average ≥ 0.5), so evaluation does not bring back a
+    branch the network has mostly trained without while its average climbs to 1.
     """
+    if rule == "majority":
+        return block.gate.discarded_average >= 0.5
     dropped = block.gate.discarded_average >= DISCARD_AVERAGE
     if rule == "weights":
         convs = [conv.weight.detach() for conv in block.branch_convs()]

@@ -56,6 +56,10 @@ def test_epsilon_moving_average_follows_the_authors_decay_and_reaches_the_discar
     with torch.no_grad():
         block.conv1.weight.zero_(), block.conv2.weight.fill_(1e-5)
     assert epsilon_dropped(block, "weights", tolerance=1e-4)
+    for _ in range(14):  # the average falls to 0.95^14 = 0.488 after 14 kept steps, 0.513 after 13
+        gate(large)
+        assert bool(epsilon_dropped(block, "majority")) == (gate.discarded_average.item() >= 0.5)
+    assert not epsilon_dropped(block, "majority") and abs(gate.discarded_average.item() - 0.95 ** 14) < 1e-5
 
 
 def test_evaluation_applies_the_discard_decision_not_the_batch():

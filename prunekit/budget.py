@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import spec as specs
-from .compress import host_rows, kept_channels, pruned_spec
+from .compress import host_rows, kept_channels, pruned_spec, rounded_width
 from .config import ConfigError
 from .engine import Callback
 from .gates import BinaryGate, EpsilonGate, ScaleGate
@@ -36,14 +36,15 @@ from .measure import spec_cost
 from .methods import DeadSet, dead_structures
 
 
-def projected_spec(model: nn.Module, spec: specs.Spec, dead: DeadSet) -> specs.Spec:
-    """The spec compression would produce from the current gate state, without a forward pass."""
-    return pruned_spec(model, spec, dead, kept_channels(model, dead))
+def projected_spec(model: nn.Module, spec: specs.Spec, dead: DeadSet, round_to: int = 1) -> specs.Spec:
+    """The spec compression would produce from the current gate state, without a forward pass
+    (with `round_to` N: channel widths rounded up to multiples of N, as compression keeps them)."""
+    return pruned_spec(model, spec, dead, kept_channels(model, dead, round_to))
 
 
-def projected_cost(model, spec, method, input_hw, prune_percent=None):
+def projected_cost(model, spec, method, input_hw, prune_percent=None, round_to: int = 1):
     dead = dead_structures(model, method, prune_percent=prune_percent)
-    return spec_cost(projected_spec(model, spec, dead), input_hw)
+    return spec_cost(projected_spec(model, spec, dead, round_to), input_hw)
 
 
 def resolve_target(value: float, dense: int, what: str) -> int:
@@ -53,18 +54,19 @@ def resolve_target(value: float, dense: int, what: str) -> int:
     return int(value * dense) if value <= 1 else int(value)
 
 
-def minimum_cost(spec: specs.Spec, input_hw, metric: str, remove_blocks: bool) -> int:
-    """The cheapest network pruning could reach: one channel per group, removable branches gone."""
+def minimum_cost(spec: specs.Spec, input_hw, metric: str, remove_blocks: bool, round_to: int = 1) -> int:
+    """The cheapest network pruning could reach: one channel (`round_to` channels) per group, removable
+    branches gone."""
     smallest = copy.deepcopy(spec)
     if isinstance(smallest, specs.ConvNetSpec):
         for layer in smallest.layers:
-            layer.width = 1
+            layer.width = min(round_to, layer.width)
     elif isinstance(smallest, specs.MobileNetV2Spec):  # a block without expansion keeps its input's width
-        smallest.head = 1
+        smallest.head = min(round_to, smallest.head)
         smallest.stages = [[block for block in stage if not (remove_blocks and block.shortcut == "identity")]
                            for stage in smallest.stages]
         for _, _, block in smallest.blocks():
-            block.inner = [1] if block.expand else block.inner
+            block.inner = [min(round_to, block.inner[0])] if block.expand else block.inner
     else:
         for s, stage in enumerate(smallest.stages):
             kept = []
@@ -74,7 +76,7 @@ def minimum_cost(spec: specs.Spec, input_hw, metric: str, remove_blocks: bool) -
                         continue
                     block.inner = []
                 else:
-                    block.inner = [1] * len(block.inner)
+                    block.inner = [min(round_to, width) for width in block.inner]
                 kept.append(block)
             smallest.stages[s] = kept
     return getattr(spec_cost(smallest, input_hw), metric)
@@ -117,13 +119,49 @@ def cost_weights(model: nn.Module, spec: specs.Spec, input_hw, metric: str = "ma
     return {k: max(v, 1) / mean for k, v in weights.items()}
 
 
+def _chunks(model: nn.Module, ranked: list, round_to: int, score) -> list[list]:
+    """`ranked` regrouped into the units a rounded freeze removes: each channel group's channels, in
+    rank order, in runs of `round_to` (the first run holding its width's remainder, if any), so that
+    every prefix leaves multiples of N alive; other structures stay single. Units are ranked by their
+    mean score."""
+    widths = {g.name: g.bn.num_features for g in model.channel_groups()}
+    units, by_group = [], {}
+    for c in ranked:
+        if c[0] == "channel":
+            by_group.setdefault(c[1], []).append(c)
+        else:
+            units.append([c])
+    for name, channels in by_group.items():
+        first = widths[name] % round_to or round_to
+        units.append(channels[:first])
+        units += [channels[i:i + round_to] for i in range(first, len(channels), round_to)]
+    return sorted(units, key=lambda unit: sum(map(score, unit)) / len(unit))
+
+
+def _revive_rounded(model: nn.Module, chosen: list, value, round_to: int) -> list:
+    """`chosen` less, in each channel group, the highest-|factor| channels that compression with
+    `round_to` would keep anyway: they stay alive and train, and the projected cost is unchanged."""
+    widths = {g.name: g.bn.num_features for g in model.channel_groups()}
+    by_group: dict = {}
+    for c in chosen:
+        if c[0] == "channel":
+            by_group.setdefault(c[1], []).append(c)
+    revived = set()
+    for name, dead in by_group.items():
+        alive = widths[name] - len(dead)
+        extra = rounded_width(max(alive, 1), widths[name], round_to) - alive
+        revived.update(id(c) for c in sorted(dead, key=lambda c: -abs(value(c)))[:max(extra, 0)])
+    return [c for c in chosen if id(c) not in revived]
+
+
 class BudgetController(Callback):
     """Steers a proximal method's penalty to a MACs/params target, then freezes the dead set."""
 
     def __init__(self, spec, method: str, input_hw, target: int, metric: str, reach_fraction: float,
                  penalty: float, check_every: int = 20, gain: float = 8.0, margin: float = 0.005,
-                 bound: float = 100.0, rule: str = "exact", tail: int = 64):
+                 bound: float = 100.0, rule: str = "exact", tail: int = 64, round_to: int = 1):
         self.spec, self.method, self.input_hw, self.rule, self.tail = spec, method, input_hw, rule, tail
+        self.round_to = round_to
         self.target, self.metric, self.reach_fraction = target, metric, reach_fraction
         self.penalty, self.check_every, self.gain, self.margin = penalty, check_every, gain, margin
         self.limits = (penalty / bound, penalty * bound)
@@ -136,7 +174,8 @@ class BudgetController(Callback):
     # --- helpers -----------------------------------------------------------------------------
 
     def _project(self, model) -> int:
-        return getattr(projected_cost(model, self.spec, self.method, self.input_hw), self.metric)
+        return getattr(projected_cost(model, self.spec, self.method, self.input_hw, round_to=self.round_to),
+                       self.metric)
 
     def _set_penalty(self, trainer, value: float) -> None:
         self.penalty = value
@@ -207,10 +246,17 @@ class BudgetController(Callback):
 
         if self.rule == "paper":
             forced = [c for c in structures if removed_by_paper(c)]
-            ranked = sorted((c for c in structures if not removed_by_paper(c)), key=lambda c: abs(value(c)))
+            def score(c):
+                return abs(value(c))
+
+            ranked = sorted((c for c in structures if not removed_by_paper(c)), key=score)
         else:
             weights = cost_weights(model, self.spec, self.input_hw, self.metric)
-            forced, ranked = [], sorted(structures, key=lambda c: abs(value(c)) / weights[c[1]])
+
+            def score(c):
+                return abs(value(c)) / weights[c[1]]
+
+            forced, ranked = [], sorted(structures, key=score)
 
         def cost_of(chosen):
             dead = DeadSet({g.name: torch.zeros(g.bn.num_features, dtype=torch.bool) for g in model.channel_groups()},
@@ -223,30 +269,43 @@ class BudgetController(Callback):
                     dead.groups[key][index] = True
                 else:
                     dead.blocks.add(key)
-            return getattr(spec_cost(projected_spec(model, self.spec, dead), self.input_hw), self.metric)
+            return getattr(spec_cost(projected_spec(model, self.spec, dead, self.round_to), self.input_hw),
+                           self.metric)
 
-        low, high = 0, len(ranked)  # cost_of(forced + ranked[:high]) is the cheapest reachable
+        units = _chunks(model, ranked, self.round_to, score) if self.round_to > 1 else [[c] for c in ranked]
+
+        def prefix(n):
+            return forced + [c for unit in units[:n] for c in unit]
+
+        low, high = 0, len(units)  # cost_of(prefix(high)) is the cheapest reachable
         if cost_of(forced) > self.target:
             while high - low > 1:
                 middle = (low + high) // 2
-                if cost_of(forced + ranked[:middle]) <= self.target:
+                if cost_of(prefix(middle)) <= self.target:
                     high = middle
                 else:
                     low = middle
         else:
             high = 0
-        chosen = forced + ranked[:high]
+        chosen = prefix(high)
         cost = cost_of(chosen)
         if high and cost < self.target - self.margin * self.dense:  # its last structure overshoots
-            chosen, cost = chosen[:-1], cost_of(chosen[:-1])
-            for candidate in ranked[high:high + self.tail]:
-                trial = cost_of(chosen + [candidate])
+            best = (cost, chosen)  # the cheapest overshoot: the nearest the target from below
+            chosen, cost = prefix(high - 1), cost_of(prefix(high - 1))
+            for candidate in units[high:high + self.tail]:
+                trial = cost_of(chosen + candidate)
                 if trial < self.target - self.margin * self.dense:
+                    if best[0] < trial <= self.target:
+                        best = (trial, chosen + candidate)
                     continue  # removing it would overshoot the target: it stays
-                chosen.append(candidate)
+                chosen += candidate
                 cost = trial
                 if cost <= self.target:
                     break
+            if cost > self.target and self.round_to > 1:  # rounded units too coarse for the margin:
+                cost, chosen = best  # the nearest overshoot, so that the target is still met
+        if self.round_to > 1 and self.rule == "exact":  # `paper`: what the rule killed stays dead
+            chosen = _revive_rounded(model, chosen, value, self.round_to)
         self._fix(model, [(t, i) for _, _, i, t in chosen])
         self.frozen = True
         self._set_penalty(trainer, 0.0)
@@ -378,12 +437,12 @@ class EpsilonBudget(Callback):
         self.scale, self.frozen_epsilons = state["scale"], state["frozen_epsilons"]
 
 
-def slimming_percent_for_target(model, spec, input_hw, target: int, metric: str = "macs") -> float:
+def slimming_percent_for_target(model, spec, input_hw, target: int, metric: str = "macs", round_to: int = 1) -> float:
     """The smallest global |γ| percentile whose pruning meets the target (network slimming)."""
     low, high = 0.0, 100.0
     for _ in range(30):
         mid = (low + high) / 2
-        cost = getattr(projected_cost(model, spec, "slimming", input_hw, prune_percent=mid), metric)
+        cost = getattr(projected_cost(model, spec, "slimming", input_hw, prune_percent=mid, round_to=round_to), metric)
         if cost <= target:
             high = mid
         else:
@@ -403,7 +462,7 @@ def budget_callbacks(model, spec, config, input_size) -> list[Callback]:
     if config.method == "none":
         raise ConfigError(f"target_{metric}: the dense method prunes nothing; choose a sparsity method")
     removes_blocks = config.method in ("sss", "epsilon-resnet")
-    floor = minimum_cost(spec, input_hw, metric, removes_blocks)
+    floor = minimum_cost(spec, input_hw, metric, removes_blocks, config.round_to)
     if config.method == "epsilon-resnet":
         floor = minimum_cost(spec, input_hw, metric, True)
     if target < floor:
@@ -412,10 +471,11 @@ def budget_callbacks(model, spec, config, input_size) -> list[Callback]:
     if config.method == "slimming":
         from .methods import SlimmingPrune
 
-        return [SlimmingPrune(lambda model: slimming_percent_for_target(model, spec, input_hw, target, metric))]
+        return [SlimmingPrune(lambda model: slimming_percent_for_target(model, spec, input_hw, target, metric,
+                                                                        config.round_to))]
     if config.method == "epsilon-resnet":
         return [EpsilonBudget(spec, input_hw, target, metric, config.target_epoch_fraction, rule=config.budget_rule)]
     from .methods import penalty_of
 
     return [BudgetController(spec, config.method, input_hw, target, metric, config.target_epoch_fraction,
-                             penalty_of(config), rule=config.budget_rule)]
+                             penalty_of(config), rule=config.budget_rule, round_to=config.round_to)]

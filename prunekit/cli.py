@@ -92,6 +92,7 @@ OPTION_HELP = {
     "budget_rule": "with a target: exact (penalty per structure ∝ its cost, the freeze ranks |factor|/cost) or "
                    "paper (only the paper's knob is steered: γ, ρ with Ye's c_l, ε; what dies is the paper's rule, "
                    "a final freeze ranks by |factor|)",
+    "round_to": "kept widths are multiples of N (or the full width); the budget counts the rounded widths",
     "stage_penalties": "stages: ρ (the method's penalty) per stage; 0 fine-tunes",
     "stage_epochs": "stages: epochs per stage",
     "stage_lrs": "stages: learning rate per stage",

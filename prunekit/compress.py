@@ -96,23 +96,57 @@ def host_rows(rows: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(flat.split([row.numel() for row in rows]))
 
 
-def kept_channels(model: nn.Module, dead: DeadSet) -> dict[str, torch.Tensor]:
+def channel_factor(group) -> torch.Tensor:
+    """|factor| of each channel: the gate's for a gated group, the BN γ's otherwise."""
+    if isinstance(group.gate, (ScaleGate, BinaryGate)):
+        return group.gate.weight.detach().abs().reshape(-1)
+    return channel_strength(group)
+
+
+def rounded_width(alive: int, width: int, round_to: int) -> int:
+    """The smallest multiple of `round_to` holding `alive` channels, capped at the group's `width`."""
+    return min(-(-alive // round_to) * round_to, width)
+
+
+def _round_up(removed: torch.Tensor, factor: torch.Tensor, round_to: int) -> torch.Tensor:
+    """`removed` less its highest-|factor| channels, so that the kept count is a multiple of `round_to`
+    (or the whole group). A kept dead channel changes nothing: a zero-gated one outputs 0, a γ = 0 one
+    keeps emitting its constant relu(β) through the kept weights instead of a folded bias."""
+    extra = rounded_width(int((~removed).sum()), len(removed), round_to) - int((~removed).sum())
+    if extra <= 0:
+        return removed
+    candidates = removed.nonzero().flatten()
+    order = torch.sort(factor[candidates], descending=True, stable=True).indices
+    removed = removed.clone()
+    removed[candidates[order[:extra]]] = False
+    return removed
+
+
+def kept_channels(model: nn.Module, dead: DeadSet, round_to: int = 1) -> dict[str, torch.Tensor]:
     """Indices (on the host) of the channels, and for grouped blocks the cardinality groups, that
     compression keeps, by structure name; at least one per structure, the strongest, is always kept.
+    With `round_to` N > 1 each channel group keeps a multiple of N channels (or all of them), adding
+    its highest-|factor| dead ones; cardinality groups are not rounded.
     Read-only, no forward pass, one device read (the budget controller projects costs with it)."""
-    structures = [(g.name, dead.channels.get(g.name), channel_strength(g)) for g in model.channel_groups()]
+    groups = list(model.channel_groups())
+    structures = [(g.name, dead.channels.get(g.name), channel_strength(g)) for g in groups]
     for cg in _cardinality_groups(model):
         strength = cg.gate.weight.detach().abs() if isinstance(cg.gate, ScaleGate) else cg.block.bn1.weight.new_ones(cg.count)
         structures.append((cg.name, dead.groups.get(cg.name), strength))
     rows = []
     for _, mask, strength in structures:
         rows += [strength if mask is None else mask.to(strength.device).float(), strength]
+    if round_to > 1:
+        rows += [channel_factor(g).to(rows[0].device) for g in groups]
     host = host_rows(rows)
+    factors = dict(zip((g.name for g in groups), host[2 * len(structures):])) if round_to > 1 else {}
     keep = {}
     for (name, mask, _), dead_row, strength in zip(structures, host[0::2], host[1::2]):
         removed = dead_row > 0.5 if mask is not None else torch.zeros(len(strength), dtype=torch.bool)
         if removed.all():
             removed[strength.argmax()] = False
+        if name in factors:
+            removed = _round_up(removed, factors[name], round_to)
         keep[name] = (~removed).nonzero().flatten()
     return keep
 
@@ -239,10 +273,11 @@ def _slice_cardinality(cg, kept_groups: torch.Tensor) -> None:
     block.conv2.groups = len(kept_groups)
 
 
-def compress(model: nn.Module, spec: specs.Spec, dead: DeadSet) -> Compressed:
-    """The smaller plain network equal to the gated one with `dead` structures removed."""
+def compress(model: nn.Module, spec: specs.Spec, dead: DeadSet, round_to: int = 1) -> Compressed:
+    """The smaller plain network equal to the gated one with `dead` structures removed; with `round_to`
+    N, every channel group keeps a multiple of N channels (see `kept_channels`)."""
     model = copy.deepcopy(model).cpu().eval()
-    keep = kept_channels(model, dead)
+    keep = kept_channels(model, dead, round_to)
     new_spec = pruned_spec(model, spec, dead, keep)
     _add_stencils(model, _stencil_owners(model, keep))
     _fold_gates(model)
@@ -442,7 +477,8 @@ def compress_run(path: str | Path, out: str | Path | None = None, *, method: str
         from .budget import resolve_target, slimming_percent_for_target
 
         dense = spec_cost(spec, size[1:]).macs
-        prune_percent = slimming_percent_for_target(gated, spec, size[1:], resolve_target(config.target_macs, dense, "macs"))
+        budget = resolve_target(config.target_macs, dense, "macs")
+        prune_percent = slimming_percent_for_target(gated, spec, size[1:], budget, round_to=config.round_to)
     dead = dead_structures(gated, method, prune_percent=prune_percent)
     everything = entirely_dead(gated, dead) if method != "epsilon-resnet" else None  # ε may discard every branch
     if everything:
@@ -450,7 +486,7 @@ def compress_run(path: str | Path, out: str | Path | None = None, *, method: str
                                f"--penalty (or a larger budget)")
     if method == "slimming":
         zero_gammas(gated, dead)
-    result = compress(gated, spec, dead)
+    result = compress(gated, spec, dead, config.round_to)
     batches = {"random": torch.randn(8, *size, generator=torch.Generator().manual_seed(0))}
     real = batch if batch is not None else real_batch(config)
     if real is not None:
@@ -470,6 +506,7 @@ def compress_run(path: str | Path, out: str | Path | None = None, *, method: str
             "macs_before": before.macs, "macs_after": after.macs, "macs_ratio": after.macs / before.macs,
             "max_logit_difference": max(differences.values()), "checked_on": sorted(differences), "exact": True,
             "dead_channels": dead.count_channels(), "dead_groups": dead.count_groups(),
-            "dead_blocks": len(dead.blocks), "prune_percent": prune_percent, "stages": specs.stage_table(result.spec)}
+            "dead_blocks": len(dead.blocks), "prune_percent": prune_percent, "round_to": config.round_to,
+            "stages": specs.stage_table(result.spec)}
     export(target, result.spec, result.state_dict, card)
     return card

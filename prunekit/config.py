@@ -84,6 +84,9 @@ class Config:
     target_params: float | None = None
     target_epoch_fraction: float = 0.6
     budget_rule: str = "exact"
+    # kept widths are multiples of round_to (or the full width). 1: bench/round_to.py found 8 only 3-9%
+    # faster on the CPU at batch 64 (FM-R20 at half the MACs, under load), 4 and 16 no faster; see bench/README.md
+    round_to: int = 1
     # pipeline and retraining
     sparse_epochs: int = 3
     finetune_epochs: int = 5
@@ -141,7 +144,7 @@ RANGES = {
     "stage_epochs": EPOCHS, "stage_lrs": LR, "target_macs": Range(0, math.inf, low_open=True),
     "target_params": Range(0, math.inf, low_open=True), "target_epoch_fraction": Range(0, 1, low_open=True),
     "sparse_epochs": EPOCHS, "finetune_epochs": EPOCHS, "finetune_lr": LR, "kd_weight": FACTOR,
-    "kd_temperature": Range(0, 1000, low_open=True), "rewind": EPOCHS,
+    "kd_temperature": Range(0, 1000, low_open=True), "rewind": EPOCHS, "round_to": Range(1, 1024),
 }
 SCHEDULE_EPOCHS = Range(0, MAX_EPOCHS)  # the keys of lr_schedule and lr_restart_schedule
 

@@ -212,3 +212,42 @@ def test_minimum_mobilenet_cost_keeps_the_blocks_without_identity_at_one_channel
     head = 16 * 16 + 16 + 4
     assert minimum_cost(TINY_MOBILENET, (8, 8), "macs", remove_blocks=True) == stem + expanded + strided + head
     assert minimum_cost(TINY_MOBILENET, (8, 8), "macs", remove_blocks=False) > stem + expanded + strided + head
+
+
+@pytest.mark.parametrize("kind, method, round_to", [("scale", "sss", 8), ("bn", "ista-bn", 4), ("bn", "ista-bn", 8)])
+def test_freeze_with_round_to_lands_on_the_target_and_compresses_to_multiples(kind, method, round_to):
+    """The freeze counts rounded widths: the compressed network (every group a multiple of N) meets half the
+    dense MACs, within 2%, and costs what the controller projected; its logits equal the gated model's."""
+    from types import SimpleNamespace
+
+    from prunekit.budget import BudgetController
+    from test_compress import channel_widths
+
+    spec, model = gated_model("resnet20", 1, kind, seed=7)
+    with torch.no_grad():  # everything alive: the freeze alone chooses the dead set
+        for g in model.channel_groups():
+            factor = g.gate.weight if kind == "scale" else g.bn.weight
+            factor.copy_(torch.rand(factor.shape, generator=torch.Generator().manual_seed(1)) + 0.1)
+    dense = spec_cost(spec, (28, 28)).macs
+    controller = BudgetController(spec, method, (28, 28), dense // 2, "macs", 0.6, 0.0, round_to=round_to)
+    controller.freeze(SimpleNamespace(model=model, optimizers=[]))
+    dead = dead_structures(model, method)
+    compressed = compress(model, spec, dead, round_to=round_to)
+    macs = spec_cost(compressed.spec, (28, 28)).macs
+    assert macs == controller.projected <= dense // 2 and macs / dense >= 0.48
+    assert all(w % round_to == 0 for w in channel_widths(compressed.spec)), channel_widths(compressed.spec)
+    alive = [int((~dead.channels[g.name]).sum()) for g in model.channel_groups()]
+    assert all(a % round_to == 0 for a in alive), "channels rounding keeps anyway are revived, not zeroed"
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(compressed.model(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_round_to_raises_the_floor_and_is_validated():
+    from prunekit.models import zoo_spec
+
+    spec = zoo_spec("resnet20", shortcut="pad", in_channels=1)
+    assert minimum_cost(spec, (28, 28), "macs", False, round_to=8) > minimum_cost(spec, (28, 28), "macs", False)
+    assert make_config({"round_to": 8}).round_to == 8
+    with pytest.raises(ConfigError, match="round_to"):
+        make_config({"round_to": 0})

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from prunekit import spec as S
-from prunekit.compress import compress, export, load
+from prunekit.compress import channel_factor, channel_strength, compress, export, kept_channels, load
 from prunekit.gates import GateConfig
 from prunekit.measure import count_params, spec_cost
 from prunekit.methods import DeadSet, dead_structures
@@ -258,3 +258,62 @@ def test_mobilenet_v2_compresses_exactly_for_every_method(method):
         assert sum(widths) == sum(alive[:-1]) - (alive[3] if method == "sss" else 0)
     if method in ("ista-bn", "slimming"):
         assert any(b.stencil for _, _, b in result.spec.blocks())
+
+
+def channel_widths(spec):
+    """The width of every prunable channel group of a spec, in model order."""
+    if isinstance(spec, S.ConvNetSpec):
+        return [layer.width for layer in spec.layers]
+    if isinstance(spec, S.MobileNetV2Spec):
+        return [block.inner[0] for _, _, block in spec.blocks() if block.expand] + [spec.head]
+    return [width for stage in spec.stages for block in stage for width in block.inner]
+
+
+@pytest.mark.parametrize("name, size, cin", [("resnet20", 28, 1), ("cnn4", 28, 1), ("mobilenet_v2_cifar", 28, 1)])
+@pytest.mark.parametrize("kind", ["scale", "bn"])
+@pytest.mark.parametrize("round_to", [4, 8])
+def test_round_to_keeps_multiples_and_equal_logits(name, size, cin, kind, round_to):
+    """Each group keeps the smallest multiple of N ≥ its alive count (capped at its width), adding its
+    highest-|factor| dead channels; kept dead BN-γ channels emit relu(β) through the kept weights."""
+    spec, model = gated_model(name, cin, kind, seed=5)
+    dead = dead_structures(model, "sss" if kind == "scale" else "ista-bn")
+    exact, rounded = kept_channels(model, dead, 1), kept_channels(model, dead, round_to)
+    kept_constant = 0
+    for g in model.channel_groups():
+        alive = (~dead.channels[g.name]).nonzero().flatten()
+        assert exact[g.name].tolist() == (alive.tolist() or [int(channel_strength(g).argmax())])
+        width = g.bn.num_features
+        assert len(rounded[g.name]) == min(-(-len(exact[g.name]) // round_to) * round_to, width)
+        added = sorted(set(rounded[g.name].tolist()) - set(exact[g.name].tolist()))
+        left = sorted(set(range(width)) - set(rounded[g.name].tolist()))
+        factor = channel_factor(g)
+        if added and left:
+            assert factor[added].min() >= factor[left].max()
+        kept_constant += int((g.bn.bias.detach()[added] > 0).sum()) if kind == "bn" else 0
+    assert kind == "scale" or kept_constant > 0
+    result = compress(model, spec, dead, round_to=round_to)
+    assert all(w % round_to == 0 for w in channel_widths(result.spec)), channel_widths(result.spec)
+    assert channel_widths(result.spec) != channel_widths(compress(model, spec, dead).spec)
+    x = torch.randn(4, cin, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-4)
+    assert count_params(result.model) == spec_cost(result.spec, (size, size)).params
+
+
+def test_a_run_with_round_to_meets_its_target_with_multiples(tiny_fmnist, tmp_path):
+    """`--target-macs 0.5 --round-to 4` end to end: trained under the budget (ISTA on BN γ), compressed
+    exactly to at most half the MACs with every inner width a multiple of 4; the card records N."""
+    from prunekit.compress import compress_run
+    from prunekit.config import make_config
+    from prunekit.runner import train
+
+    spec = S.cifar_resnet_spec(14, num_classes=10, in_channels=1)
+    S.save(spec, tmp_path / "spec.json")
+    config = make_config({"model": str(tmp_path / "spec.json"), "data": "fashion-mnist", "data_dir": str(tiny_fmnist),
+                          "batch_size": 32, "epochs": 1, "device": "cpu", "num_workers": 0, "method": "ista-bn",
+                          "penalty": 0.01, "target_macs": 0.5, "round_to": 4})
+    train(config, tmp_path / "run", log=lambda message: None)
+    card = compress_run(tmp_path / "run", tmp_path / "run" / "compressed")
+    widths = channel_widths(S.load(tmp_path / "run" / "compressed" / "spec.json"))
+    assert card["round_to"] == 4 and all(w % 4 == 0 for w in widths), widths
+    assert 0.45 <= card["macs_ratio"] <= 0.5 and card["max_logit_difference"] <= 1e-4

@@ -109,7 +109,7 @@ class Sparsifier:
         dead = dead_structures(gated, self.config.method, prune_percent=self.config.prune_percent)
         if self.config.method == "slimming":
             zero_gammas(gated, dead)
-        result = compress(gated, self.spec, dead)
+        result = compress(gated, self.spec, dead, round_to=self.config.round_to)
         device = next(gated.parameters()).device
         x = torch.randn(4, *self.input_size, generator=torch.Generator().manual_seed(0)).to(device)
         difference = relative_logit_difference(gated, result.model.to(device), x)

@@ -94,3 +94,17 @@ def test_distillation_and_rewinding_from_the_command_line(tmp_path, tiny_fmnist)
     assert loss["kd"] > loss["plain"]  # the same steps, plus 5 · T² · KL to the teacher
     policy = make_policy(make_config({"epochs": 3, "rewind": 10, "schedule": "step", "milestones": [5, 8]}))
     assert [policy.lr_at(e) for e in (0, 1, 2)] == pytest.approx([0.01, 0.001, 0.001])
+
+
+def test_the_sparsifier_compresses_to_widths_rounded_as_configured():
+    from prunekit.models import create
+
+    torch.manual_seed(0)
+    sparsifier = Sparsifier(create("resnet20", in_channels=1), "sss", input_size=(1, 28, 28), epochs=1,
+                            steps_per_epoch=1, round_to=4)
+    with torch.no_grad():
+        for group in sparsifier.model.channel_groups():
+            group.gate.weight[: group.gate.weight.numel() // 3] = 0  # 5 of 16, 10 of 32, 21 of 64 dead
+    model, spec = sparsifier.compress()
+    widths = [w for _, _, block in spec.blocks() for w in block.inner]
+    assert widths == [12] * 3 + [24] * 3 + [44] * 3  # 11, 22, 43 alive, rounded up to multiples of 4

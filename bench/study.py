@@ -10,7 +10,8 @@ budget, then fine-tunes alike.
 Latency: batch 64, 1×28×28, dense and pruned interleaved in one process, median of 3 rounds.
 
     python bench/study.py --out runs/study --methods sss,ista-bn --reductions 0.3,0.5,0.7 \
-        [--scratch sss] [--torch-pruning bn-scale,group-norm] [--seed 1] [--deadline 0.2] [--budget-rule paper]
+        [--scratch sss] [--torch-pruning bn-scale,group-norm] [--seed 1] [--deadline 0.2] [--budget-rule paper] \
+        [--stream-channels]
 
 Rows are appended to OUT/rows.jsonl as they finish; a row already there (same seed and deadline) is not run again.
 With several seeds of a row, the table is followed by their mean and range.
@@ -202,15 +203,19 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="initialization and data order (the recipes': 0)")
     parser.add_argument("--budget-rule", choices=("exact", "paper"),
                         help="the controller's rule (recipes: exact); paper rows carry ', paper rule' in their protocol")
+    parser.add_argument("--stream-channels", action="store_true",
+                        help="also prune residual-stream channels (sss, binary-gate); rows carry ', stream'")
     parser.add_argument("--deadline", type=float,
                         help="target_epoch_fraction: reach the budget by this fraction of the epochs (recipes: 0.6)")
     args = parser.parse_args()
     OVERRIDES.update(epochs=args.epochs, finetune_epochs=args.finetune_epochs, train_subset=args.train_subset,
-                     seed=args.seed, target_epoch_fraction=args.deadline, budget_rule=args.budget_rule)
+                     seed=args.seed, target_epoch_fraction=args.deadline, budget_rule=args.budget_rule,
+                     stream_channels=args.stream_channels or None)
     paper = args.budget_rule == "paper"
     suffix = (f"-by{args.deadline}" if args.deadline else "") + (f"-seed{args.seed}" if args.seed else "") + \
-        ("-paper" if paper else "")
-    tag = (f", budget by {args.deadline:.0%}" if args.deadline else "") + (", paper rule" if paper else "")
+        ("-paper" if paper else "") + ("-stream" if args.stream_channels else "")
+    tag = (f", budget by {args.deadline:.0%}" if args.deadline else "") + (", paper rule" if paper else "") + \
+        (", stream" if args.stream_channels else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_file = out / "rows.jsonl"

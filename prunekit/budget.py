@@ -33,7 +33,7 @@ from .config import ConfigError
 from .engine import Callback
 from .gates import BinaryGate, EpsilonGate, ScaleGate
 from .measure import spec_cost
-from .methods import DeadSet, dead_structures
+from .methods import DeadSet, channel_widths, dead_structures
 
 
 def projected_spec(model: nn.Module, spec: specs.Spec, dead: DeadSet, round_to: int = 1) -> specs.Spec:
@@ -54,10 +54,15 @@ def resolve_target(value: float, dense: int, what: str) -> int:
     return int(value * dense) if value <= 1 else int(value)
 
 
-def minimum_cost(spec: specs.Spec, input_hw, metric: str, remove_blocks: bool, round_to: int = 1) -> int:
+def minimum_cost(spec: specs.Spec, input_hw, metric: str, remove_blocks: bool, round_to: int = 1,
+                 stream: bool = False) -> int:
     """The cheapest network pruning could reach: one channel (`round_to` channels) per group, removable
-    branches gone."""
+    branches gone; with `stream`, one residual-stream channel."""
     smallest = copy.deepcopy(spec)
+    if stream:
+        smallest.stem = 1
+        for _, _, block in smallest.blocks():
+            block.out, block.pad_index = 1, None
     if isinstance(smallest, specs.ConvNetSpec):
         for layer in smallest.layers:
             layer.width = min(round_to, layer.width)
@@ -88,6 +93,9 @@ def _structures(model: nn.Module):
         owner = g.gate.weight if isinstance(g.gate, (ScaleGate, BinaryGate)) else g.bn.weight
         for c in range(g.bn.num_features):
             yield "channel", g.name, c, owner
+    for sg in getattr(model, "stream_groups", lambda: [])():
+        for c in range(sg.width):
+            yield "channel", sg.name, c, sg.gate.weight
     for cg in getattr(model, "cardinality_groups", lambda: [])():
         if isinstance(cg.gate, ScaleGate):
             for k in range(cg.count):
@@ -103,18 +111,18 @@ def cost_weights(model: nn.Module, spec: specs.Spec, input_hw, metric: str = "ma
     base = getattr(spec_cost(spec, input_hw), metric)
     weights = {}
     empty = DeadSet()
-    for g in model.channel_groups():
-        dead = DeadSet({g.name: torch.arange(g.bn.num_features) == 0})
+    for name, width in channel_widths(model).items():
+        dead = DeadSet({name: torch.arange(width, device="cpu") == 0})
         reduced = pruned_spec(model, spec, dead, kept_channels(model, dead))
-        weights[g.name] = base - getattr(spec_cost(reduced, input_hw), metric)
+        weights[name] = base - getattr(spec_cost(reduced, input_hw), metric)
     for cg in getattr(model, "cardinality_groups", lambda: [])():
-        dead = DeadSet(groups={cg.name: torch.arange(cg.count) == 0})
+        dead = DeadSet(groups={cg.name: torch.arange(cg.count, device="cpu") == 0})
         weights[cg.name] = base - getattr(spec_cost(projected_spec(model, spec, dead), input_hw), metric)
     for s, b, block in getattr(model, "residual_blocks", lambda: [])():
         if isinstance(getattr(block, "gate", None), (ScaleGate, BinaryGate)):  # the blocks `_structures` yields
             reduced = pruned_spec(model, spec, DeadSet(blocks={(s, b)}), kept_channels(model, empty))
             weights[(s, b)] = base - getattr(spec_cost(reduced, input_hw), metric)
-    groups = [g.name for g in model.channel_groups()] or [cg.name for cg in getattr(model, "cardinality_groups", lambda: [])()]
+    groups = list(channel_widths(model)) or [cg.name for cg in getattr(model, "cardinality_groups", lambda: [])()]
     mean = sum(weights[n] for n in groups) / max(len(groups), 1) or 1.0
     return {k: max(v, 1) / mean for k, v in weights.items()}
 
@@ -124,10 +132,10 @@ def _chunks(model: nn.Module, ranked: list, round_to: int, score) -> list[list]:
     rank order, in runs of `round_to` (the first run holding its width's remainder, if any), so that
     every prefix leaves multiples of N alive; other structures stay single. Units are ranked by their
     mean score."""
-    widths = {g.name: g.bn.num_features for g in model.channel_groups()}
+    widths = {g.name: g.bn.num_features for g in model.channel_groups()}  # stream widths are not rounded
     units, by_group = [], {}
     for c in ranked:
-        if c[0] == "channel":
+        if c[1] in widths:
             by_group.setdefault(c[1], []).append(c)
         else:
             units.append([c])
@@ -144,7 +152,7 @@ def _revive_rounded(model: nn.Module, chosen: list, value, round_to: int) -> lis
     widths = {g.name: g.bn.num_features for g in model.channel_groups()}
     by_group: dict = {}
     for c in chosen:
-        if c[0] == "channel":
+        if c[1] in widths:
             by_group.setdefault(c[1], []).append(c)
     revived = set()
     for name, dead in by_group.items():
@@ -259,8 +267,9 @@ class BudgetController(Callback):
             forced, ranked = [], sorted(structures, key=score)
 
         def cost_of(chosen):
-            dead = DeadSet({g.name: torch.zeros(g.bn.num_features, dtype=torch.bool) for g in model.channel_groups()},
-                           groups={cg.name: torch.zeros(cg.count, dtype=torch.bool)
+            dead = DeadSet({name: torch.zeros(width, dtype=torch.bool, device="cpu")
+                            for name, width in channel_widths(model).items()},
+                           groups={cg.name: torch.zeros(cg.count, dtype=torch.bool, device="cpu")
                                    for cg in getattr(model, "cardinality_groups", lambda: [])()})
             for kind, key, index, _ in chosen:
                 if kind == "channel":
@@ -462,7 +471,7 @@ def budget_callbacks(model, spec, config, input_size) -> list[Callback]:
     if config.method == "none":
         raise ConfigError(f"target_{metric}: the dense method prunes nothing; choose a sparsity method")
     removes_blocks = config.method in ("sss", "epsilon-resnet")
-    floor = minimum_cost(spec, input_hw, metric, removes_blocks, config.round_to)
+    floor = minimum_cost(spec, input_hw, metric, removes_blocks, config.round_to, config.stream_channels)
     if config.method == "epsilon-resnet":
         floor = minimum_cost(spec, input_hw, metric, True)
     if target < floor:

@@ -93,6 +93,8 @@ OPTION_HELP = {
                    "paper (only the paper's knob is steered: γ, ρ with Ye's c_l, ε; what dies is the paper's rule, "
                    "a final freeze ranks by |factor|)",
     "round_to": "kept widths are multiples of N (or the full width); the budget counts the rounded widths",
+    "stream_channels": "also prune residual-stream channels (one factor per channel, shared by every block of its "
+                       "stretch of the stream and by zero-pad shortcuts; post-activation ResNets, sss and binary-gate)",
     "stage_penalties": "stages: ρ (the method's penalty) per stage; 0 fine-tunes",
     "stage_epochs": "stages: epochs per stage",
     "stage_lrs": "stages: learning rate per stage",

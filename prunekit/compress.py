@@ -45,6 +45,26 @@ def _cardinality_groups(model: nn.Module):
     return getattr(model, "cardinality_groups", lambda: [])()
 
 
+def _stream_groups(model: nn.Module):
+    return getattr(model, "stream_groups", lambda: [])()
+
+
+def stream_kept(model: nn.Module, keep: dict[str, torch.Tensor]) -> list[torch.Tensor] | None:
+    """The kept positions (sorted, on the host) of each residual-stream segment, from the kept indices
+    of each segment's own channels in `keep` (None for a model without stream gates). A segment keeps
+    what its zero-pad shortcut carries in from the kept channels of the segment before."""
+    if not hasattr(model, "stream_gates"):
+        return None
+    kept = []
+    for k, segment in enumerate(model.segments):
+        own = torch.tensor(segment.own, dtype=torch.long, device="cpu")
+        positions = own[keep[f"stream{k}"]] if f"stream{k}" in keep else own
+        if segment.carried is not None:
+            positions = torch.cat([torch.tensor(segment.carried, dtype=torch.long, device="cpu")[kept[-1]], positions])
+        kept.append(positions.sort().values)
+    return kept
+
+
 def _fold_gates(model: nn.Module) -> None:
     """Multiply every gate's factor into the weights it scales (the gates themselves are not exported)."""
     with torch.no_grad():
@@ -61,6 +81,26 @@ def _fold_gates(model: nn.Module) -> None:
                 layer.weight.mul_(f)
                 if isinstance(layer, nn.BatchNorm2d):
                     layer.bias.mul_(f)
+        for bn, f in _stream_writers(model):
+            bn.weight.mul_(f)
+            bn.bias.mul_(f)
+
+
+def _stream_writers(model: nn.Module) -> list[tuple[nn.BatchNorm2d, torch.Tensor]]:
+    """(BN, its segment's stream factors) for every BN writing the residual stream of a model with
+    stream gates: the stem's, each branch's last and each conv shortcut's."""
+    factors = model.stream_factors() if hasattr(model, "stream_gates") else None
+    if factors is None:
+        return []
+    factors = [f.detach() for f in factors]
+    writers = [(model.bn1, factors[0])]
+    for s, b, block in model.residual_blocks():
+        f = factors[model.segment_of[s, b]]
+        if block.spec.has_branch:
+            writers.append((block.gated_layer(), f))
+        if block.spec.shortcut == "conv":
+            writers.append((block.downsample[1], f))
+    return writers
 
 
 def _block_bn(block: nn.Module, conv_index: int) -> nn.BatchNorm2d:
@@ -130,6 +170,8 @@ def kept_channels(model: nn.Module, dead: DeadSet, round_to: int = 1) -> dict[st
     Read-only, no forward pass, one device read (the budget controller projects costs with it)."""
     groups = list(model.channel_groups())
     structures = [(g.name, dead.channels.get(g.name), channel_strength(g)) for g in groups]
+    carried_in = {sg.name for sg in _stream_groups(model) if not sg.root}
+    structures += [(sg.name, dead.channels.get(sg.name), sg.gate.weight.detach().abs()) for sg in _stream_groups(model)]
     for cg in _cardinality_groups(model):
         strength = cg.gate.weight.detach().abs() if isinstance(cg.gate, ScaleGate) else cg.block.bn1.weight.new_ones(cg.count)
         structures.append((cg.name, dead.groups.get(cg.name), strength))
@@ -142,8 +184,8 @@ def kept_channels(model: nn.Module, dead: DeadSet, round_to: int = 1) -> dict[st
     factors = dict(zip((g.name for g in groups), host[2 * len(structures):])) if round_to > 1 else {}
     keep = {}
     for (name, mask, _), dead_row, strength in zip(structures, host[0::2], host[1::2]):
-        removed = dead_row > 0.5 if mask is not None else torch.zeros(len(strength), dtype=torch.bool)
-        if removed.all():
+        removed = dead_row > 0.5 if mask is not None else torch.zeros(len(strength), dtype=torch.bool, device="cpu")
+        if removed.all() and name not in carried_in:  # a segment fed by a zero-pad shortcut keeps what it carries
             removed[strength.argmax()] = False
         if name in factors:
             removed = _round_up(removed, factors[name], round_to)
@@ -185,10 +227,15 @@ def pruned_spec(model: nn.Module, spec: specs.Spec, dead: DeadSet, keep: dict[st
             layer_spec.stencil = layer_spec.stencil or id(layer) in stencils
         return new_spec
     new_spec.stages = []
+    stream = stream_kept(model, keep)
+    if stream is not None:
+        new_spec.stem = len(stream[0])
     for s, stage in enumerate(model.stages):
         blocks = []
         for b, block in enumerate(stage):
             block_spec = copy.deepcopy(spec.stages[s][b])
+            if stream is not None:
+                _prune_stream_spec(block_spec, model, stream, model.segment_of[s, b])
             if (s, b) in dead.blocks or not block_spec.has_branch:
                 if block_spec.shortcut == "identity":
                     continue
@@ -204,6 +251,44 @@ def pruned_spec(model: nn.Module, spec: specs.Spec, dead: DeadSet, keep: dict[st
         new_spec.stages.append(blocks)
     specs.validate(new_spec)
     return new_spec
+
+
+def _prune_stream_spec(block_spec: specs.BlockSpec, model: nn.Module, stream: list[torch.Tensor], k: int) -> None:
+    """A block's kept output width and, for a zero-pad shortcut, where the kept channels it carries land."""
+    block_spec.out = len(stream[k])
+    segment = model.segments[k]
+    if block_spec.shortcut == "pad":  # it starts segment k
+        rank = {int(c): i for i, c in enumerate(stream[k])}
+        index = [rank[segment.carried[int(c)]] for c in stream[k - 1]]
+        block_spec.pad_index = None if index == list(range(len(index))) else index
+
+
+def _slice_stream(model: nn.Module, stream: list[torch.Tensor]) -> None:
+    """Cut the removed residual-stream channels: the writers' outputs (stem, each branch's last conv,
+    BN and constant-input bias, conv shortcuts) and the readers' inputs (first convs, conv shortcuts,
+    classifier)."""
+    with torch.no_grad():
+        _slice_out(model.conv1, stream[0])
+        _slice_bn(model.bn1, stream[0])
+        previous = stream[0]
+        for s, b, block in model.residual_blocks():
+            kept = stream[model.segment_of[s, b]]
+            if block.spec.has_branch:
+                block.conv1.weight = nn.Parameter(block.conv1.weight[:, previous].clone())
+                last = block.num_convs
+                _slice_out(getattr(block, f"conv{last}"), kept)
+                if hasattr(block, f"stencil{last}"):
+                    _slice_out(getattr(block, f"stencil{last}"), kept)
+                _slice_bn(getattr(block, f"bn{last}"), kept)
+            if block.spec.shortcut == "conv":
+                block.downsample[0].weight = nn.Parameter(block.downsample[0].weight[kept][:, previous].clone())
+                _slice_bn(block.downsample[1], kept)
+            previous = kept
+        model.fc.weight = nn.Parameter(model.fc.weight[:, previous].clone())
+
+
+def _slice_out(layer: nn.Module, idx: torch.Tensor) -> None:
+    layer.weight = nn.Parameter(layer.weight[idx].clone())
 
 
 def _add_stencils(model: nn.Module, owners: set[int]) -> None:
@@ -288,8 +373,12 @@ def compress(model: nn.Module, spec: specs.Spec, dead: DeadSet, round_to: int = 
     for cg in _cardinality_groups(model):
         if len(keep[cg.name]) < cg.count:
             _slice_cardinality(cg, keep[cg.name])
+    stream = stream_kept(model, keep)
+    if stream is not None:
+        _slice_stream(model, stream)
     if isinstance(model, ResNet):
-        state = {k: v for k, v in model.state_dict().items() if not k.startswith(("layer", "side_head"))}
+        state = {k: v for k, v in model.state_dict().items()
+                 if not k.startswith(("layer", "side_head", "stream_gates"))}
         for s, stage in enumerate(model.stages):
             new_index = 0
             for b, block in enumerate(stage):

@@ -155,6 +155,7 @@ class GateConfig:
     channels: bool = False
     blocks: bool = False
     groups: bool = False
+    stream: bool = False  # residual-stream channels (ResNets), one factor per channel shared by its segment
     epsilon: float = 2.5
     threshold: float = 0.5
 
@@ -174,6 +175,15 @@ class GateConfig:
             return GroupScaleGate(groups, per_group)
         return nn.Identity()
 
+    def stream_gate(self, channels: int) -> nn.Module:
+        """A learnable factor per residual-stream channel: the method's own gate for SSS and binary gates,
+        a scaling factor that the BN-γ methods penalise as they do γ."""
+        if self.stream and self.kind == "binary":
+            return BinaryGate(channels, self.threshold)
+        if self.stream and self.kind in ("scale", "bn"):
+            return ScaleGate(channels)
+        return nn.Identity()
+
     def block_gate(self) -> nn.Module:
         if self.blocks and self.kind == "scale":
             return ScaleGate(1)
@@ -187,14 +197,26 @@ class GateConfig:
 GATE_TYPES = (ScaleGate, BinaryGate, EpsilonGate)
 
 
-def gated_batch_norm(bn: nn.BatchNorm2d, gate: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`gate(bn(x))` in one batch-norm call when the gate is a per-channel factor g: BN's affine
-    becomes (γ·g, β·g), saving a full pass over the activation in both directions."""
-    if not isinstance(gate, (ScaleGate, BinaryGate)) or isinstance(bn, nn.SyncBatchNorm):
-        return gate(bn(x))  # a synchronised BN computes its statistics itself
-    g = gate.multiplier()
+def gated_batch_norm(bn: nn.BatchNorm2d, gate: nn.Module | None, x: torch.Tensor,
+                     stream: torch.Tensor | None = None) -> torch.Tensor:
+    """`gate(bn(x))`, times the residual-stream factor per channel `stream` when given, in one
+    batch-norm call when the factors are per channel (g): BN's affine becomes (γ·g, β·g), saving a
+    full pass over the activation in both directions."""
+    if isinstance(gate, (ScaleGate, BinaryGate)):
+        g = gate.multiplier()
+    elif gate is None or isinstance(gate, nn.Identity):
+        g = None
+    else:  # a computed gate (ε-ResNet) sees the normalised output
+        out = gate(bn(x))
+        return out if stream is None else out * _broadcast(stream, out)
+    if stream is not None:
+        g = stream if g is None else g * stream
+    if g is None:
+        return bn(x)
     if g.numel() == 1:
         g = g.expand(bn.num_features)
+    if isinstance(bn, nn.SyncBatchNorm):  # a synchronised BN computes its statistics itself
+        return bn(x) * _broadcast(g, x)
     if bn.training:
         bn.num_batches_tracked.add_(1)
     return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight * g, bn.bias * g,

@@ -34,9 +34,9 @@ def gate_config(method: str, config) -> GateConfig:
     if method == "sss":
         structures = config.sss_structures.split("+")
         return GateConfig("scale", channels="channels" in structures, blocks="blocks" in structures,
-                          groups="groups" in structures)
+                          groups="groups" in structures, stream=config.stream_channels)
     if method == "binary-gate":
-        return GateConfig("binary", channels=True, threshold=config.threshold)
+        return GateConfig("binary", channels=True, threshold=config.threshold, stream=config.stream_channels)
     if method == "epsilon-resnet":
         return GateConfig("epsilon", blocks=True, epsilon=config.epsilon)
     if method in ("ista-bn", "slimming"):
@@ -64,6 +64,14 @@ class DeadSet:
 
     def count_groups(self) -> int:
         return int(sum(int(m.sum()) for m in self.groups.values()))
+
+
+def channel_widths(model: nn.Module) -> dict[str, int]:
+    """The number of channels of every prunable channel set by name: the channel groups, and the
+    residual-stream groups (the channels each segment does not carry in)."""
+    widths = {g.name: g.bn.num_features for g in model.channel_groups()}
+    widths.update({sg.name: sg.width for sg in getattr(model, "stream_groups", lambda: [])()})
+    return widths
 
 
 def channel_factor(group) -> torch.Tensor:
@@ -117,6 +125,8 @@ def dead_structures(model: nn.Module, method: str, *, prune_percent: float | Non
         for cg in getattr(model, "cardinality_groups", lambda: [])():
             if isinstance(cg.gate, ScaleGate):
                 dead.groups[cg.name] = cg.gate.weight.detach() == 0
+        for sg in getattr(model, "stream_groups", lambda: [])():
+            dead.channels[sg.name] = sg.gate.factor() == 0
     for s, b, block in getattr(model, "residual_blocks", lambda: [])():
         gate = getattr(block, "gate", None)
         if isinstance(gate, EpsilonGate) and bool(gate.dropped):
@@ -172,7 +182,10 @@ def sparsity_metrics(model: nn.Module, method: str, costs: dict[str, float] | No
     groups = model.channel_groups()
     metrics = {"alive_channels": [int((~dead.channels[g.name]).sum()) if g.name in dead.channels else g.bn.num_features
                                   for g in groups],
-               "dead_channels": dead.count_channels(), "total_channels": sum(g.bn.num_features for g in groups)}
+               "dead_channels": dead.count_channels(), "total_channels": sum(channel_widths(model).values())}
+    stream = getattr(model, "stream_groups", lambda: [])()
+    if stream:
+        metrics["alive_stream"] = [int((~dead.channels[sg.name]).sum()) for sg in stream]
     blocks = list(getattr(model, "residual_blocks", lambda: [])())
     if blocks:
         stages = max(s for s, _, _ in blocks) + 1

@@ -319,6 +319,9 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, force: b
     run_dir = Path(run_dir)
     torch.manual_seed(config.seed)
     spec = spec or model_spec(config)
+    if config.stream_channels and not (isinstance(spec, specs.ResNetSpec) and not spec.preact):
+        raise ConfigError(f"stream_channels: {config.model} has no residual stream that can be pruned here (only "
+                          f"post-activation ResNets)")
     gates = gate_config(config.method, config)
     side = side_head_position(spec) if config.method == "epsilon-resnet" else None
     model = build(spec, gates, side)

@@ -34,6 +34,9 @@ class BlockSpec:
     shortcut: str = "identity"
     groups: int = 1  # cardinality of a bottleneck's 3x3 conv (ResNeXt)
     stencil: bool = False  # convs after the first carry a constant-input bias (see models.resnet.ConstantInputBias)
+    # a zero-padding shortcut's output position of each input channel (None: channel i to position i);
+    # set by compression when residual-stream channels are pruned
+    pad_index: list[int] | None = None
 
     @property
     def has_branch(self) -> bool:
@@ -185,7 +188,7 @@ def _keys(data: dict, allowed: set[str], where: str) -> None:
 
 
 def _block_from_dict(data, where: str, block_type: str) -> BlockSpec:
-    _keys(data, {"inner", "out", "stride", "shortcut", "groups", "stencil"}, where)
+    _keys(data, {"inner", "out", "stride", "shortcut", "groups", "stencil", "pad_index"}, where)
     if "inner" not in data or "out" not in data:
         raise SpecError(f"{where}: 'inner' and 'out' are required")
     inner = _expect(data["inner"], list, f"{where}.inner")
@@ -204,7 +207,11 @@ def _block_from_dict(data, where: str, block_type: str) -> BlockSpec:
         raise SpecError(f"{where}.groups: grouped convs need a bottleneck block whose two inner widths are equal "
                         f"and divisible by {groups}, got {inner}")
     stencil = _expect(data.get("stencil", False), bool, f"{where}.stencil")
-    return BlockSpec(inner, _width(data["out"], f"{where}.out"), stride, shortcut, groups, stencil)
+    pad_index = data.get("pad_index")
+    if pad_index is not None:
+        pad_index = [_width(i, f"{where}.pad_index[{k}]", minimum=0)
+                     for k, i in enumerate(_expect(pad_index, list, f"{where}.pad_index"))]
+    return BlockSpec(inner, _width(data["out"], f"{where}.out"), stride, shortcut, groups, stencil, pad_index)
 
 
 def _inverted_from_dict(data, where: str) -> InvertedResidualSpec:
@@ -320,6 +327,11 @@ def validate(spec: Spec) -> None:
                             f"({width}), got stride {block.stride}, out {block.out}")
         if block.shortcut == "pad" and block.out < width:
             raise SpecError(f"{where}.shortcut: a zero-padding shortcut cannot shrink {width} to {block.out} channels")
+        index = getattr(block, "pad_index", None)
+        if index is not None and (block.shortcut != "pad" or len(index) != width or len(set(index)) != len(index)
+                                  or max(index, default=0) >= block.out):
+            raise SpecError(f"{where}.pad_index: a zero-padding shortcut's {width} distinct output positions below "
+                            f"{block.out}, got {index if len(index) <= 8 else index[:8] + ['...']}")
         if not block.has_branch and block.shortcut == "identity":
             raise SpecError(f"{where}.inner: a block without a branch and with an identity shortcut is a no-op; drop it")
         width = block.out
@@ -526,6 +538,35 @@ def count_layers(spec: Spec) -> int:
     if isinstance(spec, MobileNetV2Spec):  # stem, head conv and classifier; 2 or 3 convs per block
         return 3 + sum(2 + block.expand for _, _, block in spec.blocks())
     return 2 + sum(len(block.inner) + (1 if block.has_branch else 0) for _, _, block in spec.blocks())
+
+
+@dataclass
+class StreamSegment:
+    """A stretch of a ResNet's residual stream at one width: from the stem, or from a block with a conv
+    or zero-pad shortcut, to the next such block. `carried`: for a zero-pad start, the position each
+    channel of the previous segment lands at (its other channels start at zero)."""
+
+    width: int
+    blocks: list[tuple[int, int]]
+    carried: list[int] | None = None
+
+    @property
+    def own(self) -> list[int]:
+        """The positions of the channels this segment does not carry in."""
+        carried = set(self.carried or ())
+        return [c for c in range(self.width) if c not in carried]
+
+
+def stream_segments(spec: ResNetSpec) -> list[StreamSegment]:
+    """The residual stream's segments, the stem's first."""
+    segments = [StreamSegment(spec.stem, [])]
+    for s, b, block in spec.blocks():
+        if block.shortcut != "identity":
+            previous = segments[-1].width
+            carried = None if block.shortcut == "conv" else (block.pad_index or list(range(previous)))
+            segments.append(StreamSegment(block.out, [], carried))
+        segments[-1].blocks.append((s, b))
+    return segments
 
 
 def stage_table(spec: Spec) -> list[dict]:

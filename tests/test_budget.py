@@ -26,10 +26,27 @@ def test_projected_cost_equals_measured_cost_of_the_compressed_model(name, size,
     assert cost.macs == count_macs(compressed.model, (cin, size, size))
 
 
-@pytest.mark.parametrize("method", ["sss", "binary-gate", "ista-bn"])
-def test_controller_reaches_half_the_macs_and_freezes(tmp_path, method):
-    trainer = tiny_setup(tmp_path, method, epochs=4, penalty=0.05, target_macs=0.5)
-    config = make_config({"method": method, "target_macs": 0.5, "penalty": 0.05})
+@pytest.mark.parametrize("kind, method", [("scale", "sss"), ("binary", "binary-gate")])
+@pytest.mark.parametrize("name, shortcut, size", [("resnet20", "pad", 28), ("resnet50", None, 32)])
+def test_projected_cost_counts_stream_channels(name, shortcut, size, kind, method):
+    from test_compress import stream_model
+
+    spec = S.cifar_resnet_spec(20, in_channels=1, shortcut=shortcut) if name == "resnet20" else \
+        S.imagenet_resnet_spec(50, in_channels=1)
+    model = stream_model(spec, kind, seed=3)
+    dead = dead_structures(model, method)
+    cost = spec_cost(projected_spec(model, spec, dead), (size, size))
+    compressed = compress(model, spec, dead)
+    assert cost.params == count_params(compressed.model)
+    assert cost.macs == count_macs(compressed.model, (1, size, size))
+
+
+@pytest.mark.parametrize("method, options", [("sss", {}), ("binary-gate", {}), ("ista-bn", {}),
+                                             ("sss", {"stream_channels": True}),
+                                             ("binary-gate", {"stream_channels": True})])
+def test_controller_reaches_half_the_macs_and_freezes(tmp_path, method, options):
+    trainer = tiny_setup(tmp_path, method, epochs=4, penalty=0.05, target_macs=0.5, **options)
+    config = make_config({"method": method, "target_macs": 0.5, "penalty": 0.05, **options})
     (controller,) = budget_callbacks(trainer.model, trainer.model.spec, config, (1, 8, 8))
     controller.check_every = 1
     trainer.callbacks.append(controller)
@@ -42,6 +59,8 @@ def test_controller_reaches_half_the_macs_and_freezes(tmp_path, method):
     assert abs(spec_cost(final, (8, 8)).macs / dense - 0.5) <= 0.02
     dead_after_freeze = [h["dead_channels"] for h in history[frozen_at:]]
     assert len(set(dead_after_freeze)) == 1, "the dead set stays frozen"
+    if options:
+        assert sum(history[-1]["alive_stream"]) < sum(sg.width for sg in trainer.model.stream_groups())
 
 
 def test_impossible_target_is_refused_up_front(tmp_path):
@@ -118,15 +137,18 @@ def test_paper_rule_keeps_yes_cost_weights_and_what_the_rule_killed(tmp_path, ru
     assert dead == 6 if rule == "paper" else dead < 6
 
 
-@pytest.mark.parametrize("method, stop_at", [("sss", 3), ("ista-bn", 1), ("ista-bn", 3), ("binary-gate", 3)])
-def test_budgeted_run_resumed_before_or_after_its_freeze_ends_with_identical_weights(tmp_path, method, stop_at):
+@pytest.mark.parametrize("method, stop_at, options", [
+    ("sss", 3, {}), ("ista-bn", 1, {}), ("ista-bn", 3, {}), ("binary-gate", 3, {}),
+    ("sss", 3, {"stream_channels": True}), ("ista-bn", 3, {"round_to": 4})])
+def test_budgeted_run_resumed_before_or_after_its_freeze_ends_with_identical_weights(tmp_path, method, stop_at,
+                                                                                    options):
     """The optimizer groups' budget weights and the freeze's masks and floors come back from the
     checkpoint; they are not recomputed from the resumed weights (which changed the run before)."""
     from test_engine import StopAt
 
     def budgeted(run_dir, *stop):
-        trainer = tiny_setup(run_dir, method, epochs=5, penalty=0.05)
-        config = make_config({"method": method, "target_macs": 0.5, "penalty": 0.05})
+        trainer = tiny_setup(run_dir, method, epochs=5, penalty=0.05, **options)
+        config = make_config({"method": method, "target_macs": 0.5, "penalty": 0.05, **options})
         (controller,) = budget_callbacks(trainer.model, trainer.model.spec, config, (1, 8, 8))
         controller.check_every = 1
         trainer.callbacks += [controller, *stop]

@@ -317,3 +317,135 @@ def test_a_run_with_round_to_meets_its_target_with_multiples(tiny_fmnist, tmp_pa
     widths = channel_widths(S.load(tmp_path / "run" / "compressed" / "spec.json"))
     assert card["round_to"] == 4 and all(w % 4 == 0 for w in widths), widths
     assert 0.45 <= card["macs_ratio"] <= 0.5 and card["max_logit_difference"] <= 1e-4
+
+
+# --- residual-stream channels ----------------------------------------------------------------------
+
+
+def stream_model(spec, kind, seed=0, dead_fraction=0.4):
+    """A model of `spec` with stream, inner-channel and block gates, a random `dead_fraction` of each zero."""
+    torch.manual_seed(seed)
+    model = build(spec, GateConfig(kind, channels=True, blocks=True, stream=True))
+    g = torch.Generator().manual_seed(seed)
+    randomize_bn(model, g)
+    with torch.no_grad():
+        gates = [group.gate for group in [*model.channel_groups(), *model.stream_groups()]]
+        for gate in gates:
+            n = gate.weight.numel()
+            alive = torch.rand(n, generator=g) >= dead_fraction
+            gate.weight.copy_(torch.where(alive, torch.rand(n, generator=g) + 0.6, torch.zeros(n)))
+    return model.eval()
+
+
+def stream_widths(spec):
+    return [spec.stem] + [block.out for _, _, block in spec.blocks()]
+
+
+@pytest.mark.parametrize("kind", ["scale", "binary"])
+@pytest.mark.parametrize("name, shortcut, size", [("resnet20", "conv", 28), ("resnet20", "pad", 28),
+                                                   ("resnet18", None, 32), ("resnet50", None, 32),
+                                                   ("resnext29_8x64d", None, 16)])
+def test_stream_channels_compress_exactly(name, shortcut, size, kind):
+    """Dead stream channels leave every writer and reader of their segment: the compressed network is
+    narrower in the stream and equal to the gated one; its MACs are what the spec says."""
+    spec = zoo_spec(name, in_channels=1, shortcut=shortcut)
+    model = stream_model(spec, kind)
+    method = {"scale": "sss", "binary": "binary-gate"}[kind]
+    dead = dead_structures(model, method)
+    result = compress(model, spec, dead)
+    assert sum(stream_widths(result.spec)) < sum(stream_widths(spec))
+    x = torch.randn(4, 1, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-4)
+    assert count_params(result.model) == spec_cost(result.spec, (size, size)).params
+    from prunekit.measure import count_macs
+
+    assert count_macs(result.model, (1, size, size)) == spec_cost(result.spec, (size, size)).macs
+
+
+def test_a_stream_channel_carried_by_zero_pad_shortcuts_goes_from_every_stage():
+    """ResNet-20 with option-A shortcuts: stage 1's channel 3 is carried into stages 2 and 3 at position 3,
+    so one factor decides it in all three (15/31/63 wide); stage 2's own channel 16 (its factor's index 0)
+    is carried into stage 3 only (15/30/62). Every pad shortcut still carries a prefix: no gather."""
+    spec = zoo_spec("resnet20", in_channels=1, shortcut="pad")
+    model = stream_model(spec, "scale", dead_fraction=0.0)
+    groups = model.stream_groups()
+    assert [(sg.width, sg.root) for sg in groups] == [(16, True), (16, False), (32, False)]
+    with torch.no_grad():
+        groups[0].gate.weight[3] = 0
+    result = compress(model, spec, dead_structures(model, "sss"))
+    assert stream_widths(result.spec) == [15] * 4 + [31] * 3 + [63] * 3
+    with torch.no_grad():
+        groups[1].gate.weight[0] = 0
+    result = compress(model, spec, dead_structures(model, "sss"))
+    assert stream_widths(result.spec) == [15] * 4 + [30] * 3 + [62] * 3
+    assert all(block.pad_index is None for _, _, block in result.spec.blocks())
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_zero_pad_shortcut_with_an_index_places_each_channel_and_prunes_exactly():
+    """`pad_index` [5, 0, 2, 7]: input channel i lands at output index[i], the rest are zero. Pruned again
+    with stream gates, the index is remapped to the kept positions and the result stays exact."""
+    from prunekit.models.resnet import ZeroPadShortcut
+
+    x = torch.randn(2, 4, 6, 6)
+    out = ZeroPadShortcut(4, 8, 2, [5, 0, 2, 7])(x)
+    pooled = torch.nn.functional.avg_pool2d(x, 2, ceil_mode=True)
+    torch.testing.assert_close(out[:, [5, 0, 2, 7]], pooled)
+    assert out[:, [1, 3, 4, 6]].abs().max() == 0
+
+    spec = zoo_spec("resnet20", in_channels=1, shortcut="pad")
+    spec.stages[1][0].pad_index = list(range(31, 15, -1))  # stage 1's channels land reversed at the end
+    S.validate(spec)
+    model = stream_model(spec, "scale", seed=3)
+    result = compress(model, spec, dead_structures(model, "sss"))
+    index = result.spec.stages[1][0].pad_index
+    assert index is not None and index == sorted(index, reverse=True)
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-4)
+    assert S.from_dict(S.to_dict(result.spec)) == result.spec
+
+
+def test_stream_channels_are_refused_where_they_cannot_be_cut(tmp_path):
+    from prunekit.config import ConfigError, make_config
+    from prunekit.runner import train
+
+    with pytest.raises(ValueError, match="post-activation"):
+        build(zoo_spec("preresnet110"), GateConfig("scale", stream=True))
+    with pytest.raises(ConfigError, match="stream_channels: offered with sss and binary-gate"):
+        make_config({"method": "ista-bn", "stream_channels": True})
+    config = make_config({"model": "cnn4", "method": "sss", "stream_channels": True, "device": "cpu"})
+    with pytest.raises(ConfigError, match="stream_channels: cnn4 has no residual stream"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("field, value", [("pad_index", [0, 0] + list(range(2, 16))), ("pad_index", [40] * 16),
+                                          ("pad_index", [0, 1])])
+def test_a_malformed_pad_index_names_the_field(field, value):
+    data = S.to_dict(zoo_spec("resnet20", shortcut="pad"))
+    data["stages"][1][0][field] = value
+    with pytest.raises(S.SpecError, match=r"spec.stages\[1\]\[0\].pad_index"):
+        S.from_dict(data)
+
+
+def test_a_run_with_stream_channels_meets_its_target_and_narrows_the_stream(tiny_fmnist, tmp_path):
+    """`--stream-channels --target-macs 0.5` end to end (SSS): the budget ranks stream channels with the
+    rest, and compression cuts them exactly to at most half the MACs."""
+    from prunekit.compress import compress_run
+    from prunekit.config import make_config
+    from prunekit.runner import train
+
+    spec = S.cifar_resnet_spec(14, num_classes=10, in_channels=1, shortcut="pad")
+    S.save(spec, tmp_path / "spec.json")
+    config = make_config({"model": str(tmp_path / "spec.json"), "data": "fashion-mnist", "data_dir": str(tiny_fmnist),
+                          "batch_size": 32, "epochs": 1, "device": "cpu", "num_workers": 0, "method": "sss",
+                          "sss_structures": "channels", "stream_channels": True, "target_macs": 0.5})
+    train(config, tmp_path / "run", log=lambda message: None)
+    card = compress_run(tmp_path / "run", tmp_path / "run" / "compressed")
+    compressed = S.load(tmp_path / "run" / "compressed" / "spec.json")
+    assert sum(stream_widths(compressed)) < sum(stream_widths(spec))
+    assert 0.45 <= card["macs_ratio"] <= 0.5 and card["max_logit_difference"] <= 1e-4

@@ -152,6 +152,30 @@ def test_no_tensor_is_created_off_the_model_device(tmp_path, method):
     assert all(p.device.type == "cpu" for p in trainer.model.parameters())
 
 
+@pytest.mark.parametrize("method, options", [("sss", {"stream_channels": True}),
+                                             ("binary-gate", {"stream_channels": True}), ("ista-bn", {"round_to": 4})])
+def test_budgeted_stream_or_rounded_training_stays_on_the_device(tmp_path, method, options):
+    """A budget with stream channels or rounded widths, frozen in its first epoch, under "meta" as the
+    default device; once frozen, an epoch waits for the device no more than an unbudgeted one."""
+    from prunekit.budget import budget_callbacks
+    from prunekit.config import make_config
+
+    trainer = tiny_setup(tmp_path, method, epochs=2, penalty=0.05, **options)
+    config = make_config({"method": method, "target_macs": 0.5, "penalty": 0.05, **options})
+    (controller,) = budget_callbacks(trainer.model, trainer.model.spec, config, (1, 8, 8))
+    controller.check_every, controller.reach_fraction = 1, 0.5
+    trainer.callbacks.append(controller)
+    trainer.train_loader = DrawnOnCPU(trainer.train_loader)
+    trainer.eval_loaders = {name: DrawnOnCPU(loader) for name, loader in trainer.eval_loaders.items()}
+    with torch.device("meta"):
+        history = trainer.fit()
+    assert history[0]["budget_frozen"] and controller.frozen
+    trainer.train_loader = trainer.train_loader.loader
+    with count_syncs() as syncs:
+        trainer.train_epoch()
+    assert len(syncs.calls) == EPOCH_READS, "\n".join(syncs.calls)
+
+
 class DrawEachEpoch(Callback):
     """Draws from the global generator at each epoch's start, as dropout or random erasing would."""
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..gates import GateConfig, gated_batch_norm
-from ..spec import BlockSpec, ResNetSpec
+from ..gates import GateConfig, gated_batch_norm, is_gate
+from ..spec import BlockSpec, ResNetSpec, stream_segments
 
 
 @dataclass
@@ -51,6 +51,26 @@ class CardinalityGroups:
         return getattr(self.block, "bn3" if self.block.preact else "bn2")
 
 
+@dataclass
+class StreamGroup:
+    """Residual-stream channels of one segment (the stem's or a conv or zero-pad shortcut's output, and
+    every block up to the next such shortcut) that no earlier segment carries in: one factor each in
+    `gate`. Every writer of the segment (stem BN, the last BN of each branch, the shortcut's BN) is
+    scaled by the segment's factors, so a channel whose factor is 0 is 0 throughout the segment and is
+    read as 0 by every block, the next zero-pad shortcut and the classifier: it can go everywhere.
+    A channel carried in by a zero-pad shortcut shares the factor of the channel it carries (one
+    coupled group across stages)."""
+
+    name: str
+    gate: nn.Module
+    segment: int
+    root: bool  # the segment carries no channel in: at least one of these channels must stay
+
+    @property
+    def width(self) -> int:
+        return self.gate.weight.numel()
+
+
 class ConstantInputBias(nn.Module):
     """What a conv outputs for a constant input under zero padding: per output channel, its k×k tap
     sums (`weight`, shape C_out×1×k×k), applied as a convolution of a ones map so that borders are
@@ -67,16 +87,26 @@ class ConstantInputBias(nn.Module):
 
 
 class ZeroPadShortcut(nn.Module):
-    """Option-A shortcut: average-pool to the new resolution and zero-pad the new channels."""
+    """Option-A shortcut: average-pool to the new resolution and zero-pad the new channels. With
+    `index`, input channel i lands at output position index[i] (a pruned residual stream)."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, index: list[int] | None = None):
         super().__init__()
         self.extra, self.stride = out_channels - in_channels, stride
+        source = None
+        if index is not None and index != list(range(in_channels)):
+            source = torch.empty(out_channels, dtype=torch.long)  # padded channel each output position takes
+            source[torch.tensor(index, dtype=torch.long)] = torch.arange(in_channels)
+            free = torch.ones(out_channels, dtype=torch.bool)
+            free[torch.tensor(index, dtype=torch.long)] = False
+            source[free] = torch.arange(in_channels, out_channels)
+        self.register_buffer("gather", source, persistent=False)
 
     def forward(self, x):
         if self.stride > 1:
             x = F.avg_pool2d(x, self.stride, ceil_mode=True)
-        return F.pad(x, (0, 0, 0, 0, 0, self.extra)) if self.extra else x
+        x = F.pad(x, (0, 0, 0, 0, 0, self.extra)) if self.extra else x
+        return x if self.gather is None else x.index_select(1, self.gather)
 
 
 def _conv(cin, cout, kernel, stride=1, groups=1):
@@ -121,10 +151,11 @@ class ResidualBlock(nn.Module):
             conv = nn.Conv2d(in_channels, spec.out, 1, spec.stride, bias=False)
             self.downsample = nn.Sequential(conv) if preact else nn.Sequential(conv, nn.BatchNorm2d(spec.out))
         elif spec.shortcut == "pad":
-            self.downsample = ZeroPadShortcut(in_channels, spec.out, spec.stride)
+            self.downsample = ZeroPadShortcut(in_channels, spec.out, spec.stride, spec.pad_index)
 
-    def gated_branch(self, x, pre=None):
-        """The residual function F(x) times its block gate (pre-activated input `pre` for pre-activation)."""
+    def gated_branch(self, x, pre=None, stream=None):
+        """The residual function F(x) times its block gate (pre-activated input `pre` for pre-activation)
+        and, post-activation, the residual-stream factors `stream`."""
         out = pre if self.preact else x
         for i in range(1, self.num_convs + 1):
             conv_input = out
@@ -135,18 +166,21 @@ class ResidualBlock(nn.Module):
                 bn = getattr(self, f"bn{i + 1 if self.preact else i}")
                 out = F.relu(gated_batch_norm(bn, getattr(self, f"gate{i}"), out))
             elif not self.preact:
-                return gated_batch_norm(getattr(self, f"bn{i}"), self.gate, out)
+                return gated_batch_norm(getattr(self, f"bn{i}"), self.gate, out, stream)
         return self.gate(out)
 
-    def forward(self, x):
+    def forward(self, x, stream=None):
+        """`stream`: this block's segment factors (post-activation ResNets with stream gates)."""
         pre = F.relu(self.bn1(x)) if hasattr(self, "bn1") and self.preact else None
         if self.spec.shortcut == "identity":
             shortcut = x
         elif self.spec.shortcut == "conv" and self.preact:
             shortcut = self.downsample(pre)
+        elif self.spec.shortcut == "conv" and stream is not None:
+            shortcut = gated_batch_norm(self.downsample[1], None, self.downsample[0](x), stream)
         else:
             shortcut = self.downsample(x)
-        out = shortcut if not self.spec.has_branch else self.gated_branch(x, pre) + shortcut
+        out = shortcut if not self.spec.has_branch else self.gated_branch(x, pre, stream) + shortcut
         return out if self.preact else F.relu(out)
 
     def branch_convs(self) -> list[nn.Conv2d]:
@@ -208,23 +242,64 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(width, spec.num_classes)
         _init_weights(self)
+        if gates.stream and gates.kind in ("scale", "binary", "bn"):
+            self._add_stream_gates(gates)
         if side_head is not None:  # made last: the network's own weights are drawn as without it
             self.side_head = nn.Sequential(nn.BatchNorm2d(side_width), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                                            nn.Flatten(), nn.Linear(side_width, spec.num_classes))
+
+    def _add_stream_gates(self, gates: GateConfig) -> None:
+        """One gate per segment over the channels it does not carry in (see `StreamGroup`)."""
+        if self.spec.preact:
+            raise ValueError("stream channels: post-activation ResNets only (a pre-activation block reads the "
+                             "stream through a BN, which turns a removed channel into a constant)")
+        self.segments = stream_segments(self.spec)
+        self.segment_of = {block: k for k, segment in enumerate(self.segments) for block in segment.blocks}
+        self.stream_gates = nn.ModuleList()
+        for k, segment in enumerate(self.segments):
+            self.stream_gates.append(gates.stream_gate(len(segment.own)) if segment.own else nn.Identity())
+            self.register_buffer(f"stream_own{k}", torch.tensor(segment.own, dtype=torch.long), persistent=False)
+            if segment.carried is not None:
+                self.register_buffer(f"stream_carried{k}", torch.tensor(segment.carried, dtype=torch.long),
+                                     persistent=False)
+
+    def stream_factors(self) -> list[torch.Tensor] | None:
+        """Each segment's factor per channel, a carried channel's being its carrier's (None without stream gates)."""
+        if not hasattr(self, "stream_gates"):
+            return None
+        factors = []
+        for k, (segment, gate) in enumerate(zip(self.segments, self.stream_gates)):
+            if segment.carried is None:
+                factors.append(gate.multiplier())
+                continue
+            factor = factors[-1].new_zeros(segment.width).index_copy(0, getattr(self, f"stream_carried{k}"),
+                                                                      factors[-1])
+            if segment.own:
+                factor = factor.index_copy(0, getattr(self, f"stream_own{k}"), gate.multiplier())
+            factors.append(factor)
+        return factors
+
+    def stream_groups(self) -> list[StreamGroup]:
+        """The gated residual-stream channels, a group per segment (none without stream gates)."""
+        if not hasattr(self, "stream_gates"):
+            return []
+        return [StreamGroup(f"stream{k}", gate, k, segment.carried is None)
+                for k, (segment, gate) in enumerate(zip(self.segments, self.stream_gates)) if is_gate(gate)]
 
     @property
     def stages(self) -> list[nn.Sequential]:
         return [getattr(self, f"layer{s + 1}") for s in range(len(self.spec.stages))]
 
     def forward(self, x):
+        factors = self.stream_factors()
         x = self.conv1(x)
         if hasattr(self, "bn1"):
-            x = F.relu(self.bn1(x))
+            x = F.relu(gated_batch_norm(self.bn1, None, x, factors[0] if factors else None))
         if hasattr(self, "maxpool"):
             x = self.maxpool(x)
         for s, stage in enumerate(self.stages):
             for b, block in enumerate(stage):
-                x = block(x)
+                x = block(x, factors[self.segment_of[s, b]] if factors else None)
                 if self.side_at == (s, b) and self.training:
                     self.side_logits = self.side_head(x)
         if self.spec.preact:

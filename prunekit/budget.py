@@ -107,7 +107,13 @@ def _structures(model: nn.Module):
 
 def cost_weights(model: nn.Module, spec: specs.Spec, input_hw, metric: str = "macs") -> dict:
     """MACs (or params) saved by removing one channel of each group or one whole block, normalised
-    so that the mean channel weight is 1 — a cost-aware generalisation of Ye et al.'s c_l."""
+    so that the mean channel weight is 1 — a cost-aware generalisation of Ye et al.'s c_l.
+
+    A residual-stream channel's saving is divided by half the number of layers it couples (ours): its
+    one factor stands for all of them, as an inner channel's factor stands for its conv and consumer,
+    so it is weighed as DepGraph weighs a group, importance summed over the group against its cost.
+    Without that, the stream, the costliest channels, is what a budget cuts first (a binary-gate run
+    lost its whole first stretch within an epoch and trained blind)."""
     base = getattr(spec_cost(spec, input_hw), metric)
     weights = {}
     empty = DeadSet()
@@ -115,6 +121,11 @@ def cost_weights(model: nn.Module, spec: specs.Spec, input_hw, metric: str = "ma
         dead = DeadSet({name: torch.arange(width, device="cpu") == 0})
         reduced = pruned_spec(model, spec, dead, kept_channels(model, dead))
         weights[name] = base - getattr(spec_cost(reduced, input_hw), metric)
+    stream = getattr(model, "stream_groups", lambda: [])()
+    if stream:  # per layer it couples, as an inner channel's cost is over its 2 (see `cost_weights`)
+        layers = model.stream_layers()
+        for sg in stream:
+            weights[sg.name] /= layers[sg.segment] / 2
     for cg in getattr(model, "cardinality_groups", lambda: [])():
         dead = DeadSet(groups={cg.name: torch.arange(cg.count, device="cpu") == 0})
         weights[cg.name] = base - getattr(spec_cost(projected_spec(model, spec, dead), input_hw), metric)

@@ -58,26 +58,34 @@ class GroupScaleGate(ScaleGate):
 
 class BinaryGate(nn.Module):
     """Float gate kept for learning, binarised to 0/1 in the forward pass; the gradient passes straight
-    through to the float value (as in quantisation-aware training)."""
+    through to the float value (as in quantisation-aware training). With `keep_one` the strongest gate
+    stays on when every one is off (a residual stream's first segment: the network's only input path)."""
 
-    def __init__(self, size: int, threshold: float = 0.5):
+    def __init__(self, size: int, threshold: float = 0.5, keep_one: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
-        self.threshold = threshold
+        self.threshold, self.keep_one = threshold, keep_one
+
+    def _on(self) -> torch.Tensor:
+        on = self.weight.detach() >= self.threshold
+        if self.keep_one:
+            strongest = F.one_hot(self.weight.detach().argmax(), on.numel()).bool()
+            on = on | (strongest & ~on.any())
+        return on
 
     def multiplier(self) -> torch.Tensor:
         """0/1 in value, identity in gradient (straight-through estimator)."""
-        binary = (self.weight >= self.threshold).to(self.weight.dtype)
+        binary = self._on().to(self.weight.dtype)
         return binary + self.weight - self.weight.detach()
 
     def forward(self, x):
         return x * _broadcast(self.multiplier(), x)
 
     def factor(self) -> torch.Tensor:
-        return (self.weight.detach() >= self.threshold).to(self.weight.dtype)
+        return self._on().to(self.weight.dtype)
 
     def extra_repr(self) -> str:
-        return f"size={self.weight.numel()}, threshold={self.threshold}"
+        return f"size={self.weight.numel()}, threshold={self.threshold}" + (", keep_one" if self.keep_one else "")
 
 
 def branch_peak(branch: torch.Tensor) -> torch.Tensor:
@@ -175,11 +183,12 @@ class GateConfig:
             return GroupScaleGate(groups, per_group)
         return nn.Identity()
 
-    def stream_gate(self, channels: int) -> nn.Module:
+    def stream_gate(self, channels: int, root: bool = False) -> nn.Module:
         """A learnable factor per residual-stream channel: the method's own gate for SSS and binary gates,
-        a scaling factor that the BN-γ methods penalise as they do γ."""
+        a scaling factor that the BN-γ methods penalise as they do γ. A `root` segment (nothing carried
+        in) keeps a binary gate on, as compression keeps a channel."""
         if self.stream and self.kind == "binary":
-            return BinaryGate(channels, self.threshold)
+            return BinaryGate(channels, self.threshold, keep_one=root)
         if self.stream and self.kind in ("scale", "bn"):
             return ScaleGate(channels)
         return nn.Identity()

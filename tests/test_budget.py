@@ -41,6 +41,30 @@ def test_projected_cost_counts_stream_channels(name, shortcut, size, kind, metho
     assert cost.macs == count_macs(compressed.model, (1, size, size))
 
 
+def test_a_stream_channel_is_weighed_per_layer_it_couples():
+    """ResNet-20 with option-A shortcuts: stage 1's own channels touch the stem conv, 3 last convs, the
+    first convs of blocks 1-3 and of stage 2's first block (8), and live on in stages 2 (12) and 3 (6):
+    20 layers. Projection shortcuts end each stretch at the next conv shortcut: 9, 8, 7. The cost
+    weight is the MACs saved over half those layers, on the scale of the mean channel."""
+    from prunekit.gates import GateConfig
+    from prunekit.models import build
+
+    spec = S.cifar_resnet_spec(20, in_channels=1, shortcut="pad")
+    model = build(spec, GateConfig("scale", channels=True, stream=True))
+    assert model.stream_layers() == [20, 12, 6]
+    assert build(S.cifar_resnet_spec(20, in_channels=1), GateConfig("scale", stream=True)).stream_layers() == [9, 8, 7]
+    weights, base = cost_weights(model, spec, (28, 28)), spec_cost(spec, (28, 28)).macs
+    pruned = S.cifar_resnet_spec(20, in_channels=1, shortcut="pad")
+    pruned.stem = 15
+    for _, _, block in pruned.blocks():
+        block.out -= 1
+    saved_stream = base - spec_cost(pruned, (28, 28)).macs
+    inner = S.cifar_resnet_spec(20, in_channels=1, shortcut="pad")
+    inner.stages[0][0].inner = [15]
+    saved_inner = base - spec_cost(inner, (28, 28)).macs
+    assert weights["stream0"] / weights["layer1.0.conv1"] == pytest.approx(saved_stream / 10 / saved_inner)
+
+
 @pytest.mark.parametrize("method, options", [("sss", {}), ("binary-gate", {}), ("ista-bn", {}),
                                              ("sss", {"stream_channels": True}),
                                              ("binary-gate", {"stream_channels": True})])

@@ -89,6 +89,20 @@ def test_binary_gate_binarizes_forward_and_passes_gradient_straight_through():
     assert gate.weight.grad.tolist() == [4.0, 8.0, 12.0, 16.0]
 
 
+def test_a_keep_one_binary_gate_keeps_its_strongest_gate_on_only_when_all_are_off():
+    gate = BinaryGate(4, threshold=0.5, keep_one=True)
+    with torch.no_grad():
+        gate.weight.copy_(torch.tensor([0.2, 0.45, 0.1, -1.0]))
+    assert gate.factor().tolist() == [0.0, 1.0, 0.0, 0.0]
+    y = gate(torch.ones(1, 4, 1, 1))
+    assert y[0, :, 0, 0].tolist() == [0.0, 1.0, 0.0, 0.0]
+    y.sum().backward()
+    assert gate.weight.grad.tolist() == [1.0, 1.0, 1.0, 1.0]  # still straight through
+    with torch.no_grad():
+        gate.weight[3] = 0.6
+    assert gate.factor().tolist() == [0.0, 0.0, 0.0, 1.0]
+
+
 def test_scale_gate_multiplies_channels():
     gate = ScaleGate(3)
     with torch.no_grad():

@@ -257,7 +257,8 @@ class ResNet(nn.Module):
         self.segment_of = {block: k for k, segment in enumerate(self.segments) for block in segment.blocks}
         self.stream_gates = nn.ModuleList()
         for k, segment in enumerate(self.segments):
-            self.stream_gates.append(gates.stream_gate(len(segment.own)) if segment.own else nn.Identity())
+            own = len(segment.own)
+            self.stream_gates.append(gates.stream_gate(own, segment.carried is None) if own else nn.Identity())
             self.register_buffer(f"stream_own{k}", torch.tensor(segment.own, dtype=torch.long), persistent=False)
             if segment.carried is not None:
                 self.register_buffer(f"stream_carried{k}", torch.tensor(segment.carried, dtype=torch.long),
@@ -278,6 +279,23 @@ class ResNet(nn.Module):
                 factor = factor.index_copy(0, getattr(self, f"stream_own{k}"), gate.multiplier())
             factors.append(factor)
         return factors
+
+    def stream_layers(self) -> list[int]:
+        """Per segment, how many weight layers read or write one of its own channels, following it through
+        the zero-pad shortcuts that carry it on (an inner channel has 2: its conv and its consumer)."""
+        touched = [0 if segment.carried else 1 for segment in self.segments]  # written by the stem or a conv shortcut
+        source = 0  # the segment a block reads
+        for k, segment in enumerate(self.segments):
+            for s, b in segment.blocks:
+                block = self.spec.stages[s][b]
+                touched[source] += block.has_branch + (block.shortcut == "conv")  # its first conv, its shortcut conv
+                touched[k] += block.has_branch  # its last conv
+                source = k
+        touched[source] += 1  # the classifier
+        for k in range(len(self.segments) - 2, -1, -1):  # a carried channel lives on in the next segment
+            if self.segments[k + 1].carried is not None:
+                touched[k] += touched[k + 1]
+        return touched
 
     def stream_groups(self) -> list[StreamGroup]:
         """The gated residual-stream channels, a group per segment (none without stream gates)."""

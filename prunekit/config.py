@@ -87,7 +87,7 @@ class Config:
     # kept widths are multiples of round_to (or the full width). 1: bench/round_to.py found 8 only 3-9%
     # faster on the CPU at batch 64 (FM-R20 at half the MACs, under load), 4 and 16 no faster; see bench/README.md
     round_to: int = 1
-    stream_channels: bool = False  # also prune residual-stream channels (sss, binary-gate; post-activation ResNets)
+    stream_channels: bool = False  # also prune residual-stream channels (channel methods; post-activation ResNets)
     # pipeline and retraining
     sparse_epochs: int = 3
     finetune_epochs: int = 5
@@ -265,8 +265,9 @@ def make_config(values: dict, source: str = "config") -> Config:
     if config.rewind is not None and config.rewind < config.epochs:
         raise ConfigError(f"{source}: rewind: the original schedule's {config.rewind} epochs cannot hold a "
                           f"{config.epochs}-epoch rewound run")
-    if config.stream_channels and config.method not in ("sss", "binary-gate"):
-        raise ConfigError(f"{source}: stream_channels: offered with sss and binary-gate, not {_show(config.method)}")
+    if config.stream_channels and config.method in ("none", "epsilon-resnet"):
+        raise ConfigError(f"{source}: stream_channels: a channel method prunes the stream (sss, binary-gate, ista-bn, "
+                          f"slimming), not {_show(config.method)}")
     if config.extra_data and config.data != "svhn":
         raise ConfigError(f"{source}: extra_data: only SVHN has an extra split, not {_show(config.data)}")
     if config.nesterov and config.momentum == 0:

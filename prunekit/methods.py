@@ -8,6 +8,10 @@
 | ista-bn         | BN γ of inner channels   | ISTA, threshold lr·ρ·c_l          | γ == 0                           |
 | slimming        | BN γ of inner channels   | SGD + L1 subgradient s·sign(γ)    | |γ| ≤ global percentile          |
 | epsilon-resnet  | residual branches        | none (weight decay)               | moving average of discard == 1   |
+
+With `stream_channels` the four channel methods also gate the residual stream (`models.resnet.StreamGroup`):
+SSS and binary gates with their own gate kind, ISTA and slimming with a scale factor per stream channel
+that they treat as one more γ.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ def gate_config(method: str, config) -> GateConfig:
     if method == "epsilon-resnet":
         return GateConfig("epsilon", blocks=True, epsilon=config.epsilon)
     if method in ("ista-bn", "slimming"):
-        return GateConfig("bn", channels=True)
+        return GateConfig("bn", channels=True, stream=config.stream_channels)
     return GateConfig()
 
 
@@ -81,9 +85,16 @@ def channel_factor(group) -> torch.Tensor:
     return group.bn.weight.detach()
 
 
+def slimming_factors(model: nn.Module) -> list[torch.Tensor]:
+    """The factors network slimming penalises and thresholds: every prunable BN γ, and the
+    residual-stream factors (one per stream channel, in the role of a γ shared by its writers)."""
+    return [g.bn.weight for g in model.channel_groups()] + \
+        [sg.gate.weight for sg in getattr(model, "stream_groups", lambda: [])()]
+
+
 def slimming_threshold(model: nn.Module, percent: float) -> float:
-    """Network slimming's global threshold: the `percent` percentile of all prunable |γ|."""
-    values = torch.cat([g.bn.weight.detach().abs().flatten() for g in model.channel_groups()])
+    """Network slimming's global threshold: the `percent` percentile of all prunable |γ| (and stream factors)."""
+    values = torch.cat([f.detach().abs().flatten() for f in slimming_factors(model)])
     k = int(round(percent / 100 * values.numel()))
     return float(values.sort().values[k - 1]) if k > 0 else -1.0
 
@@ -118,6 +129,8 @@ def dead_structures(model: nn.Module, method: str, *, prune_percent: float | Non
         threshold = 0.0 if prune_percent is None else slimming_threshold(model, prune_percent)
         for g in model.channel_groups():
             dead.channels[g.name] = g.bn.weight.detach().abs() <= threshold
+        for sg in getattr(model, "stream_groups", lambda: [])():
+            dead.channels[sg.name] = sg.gate.weight.detach().abs() <= threshold
     elif method != "epsilon-resnet":
         for g in model.channel_groups():  # BN γ for ista-bn; SSS and binary gates only where channels are gated
             if method == "ista-bn" or isinstance(g.gate, (ScaleGate, BinaryGate)):
@@ -138,11 +151,13 @@ def dead_structures(model: nn.Module, method: str, *, prune_percent: float | Non
 
 def zero_gammas(model: nn.Module, dead: DeadSet) -> None:
     """Set γ = 0 on the dead channels: a BN-γ channel cut by a threshold then emits only relu(β), which
-    compression folds exactly (network slimming's prune step)."""
+    compression folds exactly (network slimming's prune step); a dead stream channel's factor to 0."""
     with torch.no_grad():
         for g in model.channel_groups():
             if g.name in dead.channels:
                 g.bn.weight.masked_fill_(dead.channels[g.name].to(g.bn.weight.device), 0.0)
+        for sg in getattr(model, "stream_groups", lambda: [])():
+            sg.gate.weight.masked_fill_(dead.channels[sg.name].to(sg.gate.weight.device), 0.0)
 
 
 # --- monitoring ------------------------------------------------------------------------------
@@ -171,6 +186,17 @@ def ista_costs(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, float
             c_next, k_next = g.consumer.out_features, 1
         costs[g.name] = ista_cost_weight(h_out, w_out, kh, kw, g.conv.in_channels, hw_in, c_next, k_next)
     return costs
+
+
+def stream_costs(model: nn.Module, costs: dict[str, float]) -> dict[str, float]:
+    """The c_l of each residual-stream group (ours; Ye et al. leave the stream alone): the mean c_l of
+    the inner channels of its segment's blocks, which run at its resolution (all groups' mean if none)."""
+    result = {}
+    for sg in getattr(model, "stream_groups", lambda: [])():
+        blocks = {f"layer{s + 1}.{b}." for s, b in model.segments[sg.segment].blocks}
+        inner = [c for name, c in costs.items() if name[:name.rindex(".") + 1] in blocks] or list(costs.values())
+        result[sg.name] = sum(inner) / len(inner)
+    return result
 
 
 def sparsity_metrics(model: nn.Module, method: str, costs: dict[str, float] | None = None,
@@ -271,11 +297,13 @@ class WeightAverage(Callback):
         self.updates += 1
         torch._foreach_lerp_(self.shadow, [p.detach() for p in trainer.model.parameters()], 1 - decay)
         if trainer.epoch + 1 == trainer.epochs and trainer.step_in_epoch + 1 == len(trainer.train_loader):
-            raw_zero = [g.bn.weight == 0 for g in trainer.model.channel_groups()]
+            factors = [g.bn.weight for g in trainer.model.channel_groups()] + \
+                [sg.gate.weight for sg in getattr(trainer.model, "stream_groups", lambda: [])()]
+            raw_zero = [f == 0 for f in factors]
             for p, s in zip(trainer.model.parameters(), self.shadow):
                 p.copy_(s)
-            for g, zero in zip(trainer.model.channel_groups(), raw_zero):
-                g.bn.weight.masked_fill_(zero, 0.0)
+            for f, zero in zip(factors, raw_zero):
+                f.masked_fill_(zero, 0.0)
 
     def state_dict(self):
         return {"updates": self.updates, "shadow": self.shadow}
@@ -387,14 +415,19 @@ def build_method(model: nn.Module, config, input_size: tuple[int, ...]) -> Metho
     callbacks: list[Callback] = []
     optimizers: list[torch.optim.Optimizer] = []
     costs = None
+    stream = getattr(model, "stream_groups", lambda: [])()
     if method == "ista-bn":
         if config.gamma_rescale != 1.0:
             rescale_gamma(model, config.gamma_rescale)
         costs = ista_costs(model, input_size)
         groups = model.channel_groups()
         special |= {id(g.bn.weight) for g in groups}
-        optimizers.append(ISTA([{"params": [g.bn.weight], "cost": costs[g.name]} for g in groups],
+        optimizers.append(ISTA([{"params": [g.bn.weight], "cost": costs[g.name]} for g in groups] +
+                               [{"params": [sg.gate.weight], "cost": c}
+                                for sg, c in zip(stream, stream_costs(model, costs).values())],
                                lr=config.lr, penalty=penalty))
+    elif method == "slimming":  # the stream factors train with SGD, like γ, under the L1 subgradient
+        special -= {id(sg.gate.weight) for sg in stream}
     elif gates:
         optimizers.append(APG([{"params": [p]} for p in gates], lr=config.lr, momentum=config.gate_momentum,
                               penalty=penalty))
@@ -405,8 +438,7 @@ def build_method(model: nn.Module, config, input_size: tuple[int, ...]) -> Metho
                                           {"params": no_decay, "weight_decay": 0.0}],
                                          lr=config.lr, momentum=config.momentum, nesterov=config.nesterov))
     if method == "slimming":
-        bn_weights = [g.bn.weight for g in model.channel_groups()]
-        callbacks.append(L1Subgradient(bn_weights, lambda: penalty_of(config)))
+        callbacks.append(L1Subgradient(slimming_factors(model), lambda: penalty_of(config)))
         if config.prune_percent is not None:
             callbacks.append(SlimmingPrune(lambda _: config.prune_percent))
     if method == "ista-bn" and config.weight_average:

@@ -67,7 +67,8 @@ def test_a_stream_channel_is_weighed_per_layer_it_couples():
 
 @pytest.mark.parametrize("method, options", [("sss", {}), ("binary-gate", {}), ("ista-bn", {}),
                                              ("sss", {"stream_channels": True}),
-                                             ("binary-gate", {"stream_channels": True})])
+                                             ("binary-gate", {"stream_channels": True}),
+                                             ("ista-bn", {"stream_channels": True})])
 def test_controller_reaches_half_the_macs_and_freezes(tmp_path, method, options):
     trainer = tiny_setup(tmp_path, method, epochs=4, penalty=0.05, target_macs=0.5, **options)
     config = make_config({"method": method, "target_macs": 0.5, "penalty": 0.05, **options})

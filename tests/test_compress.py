@@ -329,11 +329,11 @@ def stream_model(spec, kind, seed=0, dead_fraction=0.4):
     g = torch.Generator().manual_seed(seed)
     randomize_bn(model, g)
     with torch.no_grad():
-        gates = [group.gate for group in [*model.channel_groups(), *model.stream_groups()]]
-        for gate in gates:
-            n = gate.weight.numel()
+        factors = [group.bn.weight if kind == "bn" else group.gate.weight for group in model.channel_groups()]
+        for factor in factors + [sg.gate.weight for sg in model.stream_groups()]:
+            n = factor.numel()
             alive = torch.rand(n, generator=g) >= dead_fraction
-            gate.weight.copy_(torch.where(alive, torch.rand(n, generator=g) + 0.6, torch.zeros(n)))
+            factor.copy_(torch.where(alive, torch.rand(n, generator=g) + 0.6, torch.zeros(n)))
     return model.eval()
 
 
@@ -341,7 +341,7 @@ def stream_widths(spec):
     return [spec.stem] + [block.out for _, _, block in spec.blocks()]
 
 
-@pytest.mark.parametrize("kind", ["scale", "binary"])
+@pytest.mark.parametrize("kind", ["scale", "binary", "bn"])
 @pytest.mark.parametrize("name, shortcut, size", [("resnet20", "conv", 28), ("resnet20", "pad", 28),
                                                    ("resnet18", None, 32), ("resnet50", None, 32),
                                                    ("resnext29_8x64d", None, 16)])
@@ -350,10 +350,13 @@ def test_stream_channels_compress_exactly(name, shortcut, size, kind):
     narrower in the stream and equal to the gated one; its MACs are what the spec says."""
     spec = zoo_spec(name, in_channels=1, shortcut=shortcut)
     model = stream_model(spec, kind)
-    method = {"scale": "sss", "binary": "binary-gate"}[kind]
+    method = {"scale": "sss", "binary": "binary-gate", "bn": "ista-bn"}[kind]
     dead = dead_structures(model, method)
     result = compress(model, spec, dead)
     assert sum(stream_widths(result.spec)) < sum(stream_widths(spec))
+    assert dead.count_channels() == sum(int((f == 0).sum()) for f in
+                                        [*(g.bn.weight if kind == "bn" else g.gate.factor() for g in model.channel_groups()),
+                                         *(sg.gate.factor() for sg in model.stream_groups())])
     x = torch.randn(4, 1, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-4)
@@ -415,8 +418,8 @@ def test_stream_channels_are_refused_where_they_cannot_be_cut(tmp_path):
 
     with pytest.raises(ValueError, match="post-activation"):
         build(zoo_spec("preresnet110"), GateConfig("scale", stream=True))
-    with pytest.raises(ConfigError, match="stream_channels: offered with sss and binary-gate"):
-        make_config({"method": "ista-bn", "stream_channels": True})
+    with pytest.raises(ConfigError, match="stream_channels: a channel method prunes the stream"):
+        make_config({"method": "epsilon-resnet", "stream_channels": True})
     config = make_config({"model": "cnn4", "method": "sss", "stream_channels": True, "device": "cpu"})
     with pytest.raises(ConfigError, match="stream_channels: cnn4 has no residual stream"):
         train(config, tmp_path / "run")
@@ -432,9 +435,11 @@ def test_a_malformed_pad_index_names_the_field(field, value):
         S.from_dict(data)
 
 
-def test_a_run_with_stream_channels_meets_its_target_and_narrows_the_stream(tiny_fmnist, tmp_path):
-    """`--stream-channels --target-macs 0.5` end to end (SSS): the budget ranks stream channels with the
-    rest, and compression cuts them exactly to at most half the MACs."""
+@pytest.mark.parametrize("method", ["sss", "slimming"])
+def test_a_run_with_stream_channels_meets_its_target_and_narrows_the_stream(tiny_fmnist, tmp_path, method):
+    """`--stream-channels --target-macs 0.5` end to end: the budget ranks stream channels with the rest
+    (SSS), or slimming's percentile covers the stream factors; compression cuts them exactly to at most
+    half the MACs."""
     from prunekit.compress import compress_run
     from prunekit.config import make_config
     from prunekit.runner import train
@@ -442,7 +447,7 @@ def test_a_run_with_stream_channels_meets_its_target_and_narrows_the_stream(tiny
     spec = S.cifar_resnet_spec(14, num_classes=10, in_channels=1, shortcut="pad")
     S.save(spec, tmp_path / "spec.json")
     config = make_config({"model": str(tmp_path / "spec.json"), "data": "fashion-mnist", "data_dir": str(tiny_fmnist),
-                          "batch_size": 32, "epochs": 1, "device": "cpu", "num_workers": 0, "method": "sss",
+                          "batch_size": 32, "epochs": 1, "device": "cpu", "num_workers": 0, "method": method,
                           "sss_structures": "channels", "stream_channels": True, "target_macs": 0.5})
     train(config, tmp_path / "run", log=lambda message: None)
     card = compress_run(tmp_path / "run", tmp_path / "run" / "compressed")

@@ -197,6 +197,18 @@ def test_ista_cost_weights_of_resnet20_are_yes():
     assert metrics["group_lasso"] == pytest.approx(345 - 20.5)
 
 
+def test_a_stream_groups_ista_cost_is_the_mean_c_l_of_its_segments_blocks():
+    """Ours (Ye et al. leave the stream alone): with projection shortcuts the stretches are the stages,
+    so (1312, (688 + 832 + 832) / 3, (928 + 1216 + 1216) / 3) / 1024."""
+    from prunekit.gates import GateConfig
+    from prunekit.methods import ista_costs, stream_costs
+    from prunekit.models import create
+
+    model = create("resnet20", gates=GateConfig("bn", channels=True, stream=True))
+    costs = stream_costs(model, ista_costs(model, (3, 32, 32)))
+    assert [c * 1024 for c in costs.values()] == pytest.approx([1312, 2352 / 3, 3360 / 3])
+
+
 def test_weight_average_follows_tensorflows_decay_and_ends_on_the_average():
     """Decay 1/10 at step 0, 2/11 at step 1, then min(0.999, ...); at the last step the model takes the
     average, with γ = 0 kept where the raw γ was 0."""

@@ -299,13 +299,13 @@ def load_gates(path: Path) -> GateConfig:
 
 
 def load_into(model: torch.nn.Module, weights: dict, optional: tuple[str, ...] = ()) -> None:
-    """Load plain weights into a possibly gated model: only gate and side-head entries, and those whose
-    names start with `optional` (e.g. a classifier left out for another class count), may be missing."""
+    """Load plain weights into a possibly gated model: only gate (stream gates too) and side-head entries, and
+    those whose names start with `optional` (e.g. a classifier left out for another class count), may be missing."""
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as exc:
         raise ConfigError(f"initial weights do not fit the model ({one_line(exc, 200)})") from None
-    missing = [k for k in missing if ".gate" not in k and not k.startswith(("side_head.", *optional))]
+    missing = [k for k in missing if ".gate" not in k and not k.startswith(("side_head.", "stream_gates.", *optional))]
     if missing or unexpected:
         raise ConfigError(f"initial weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 

@@ -42,6 +42,15 @@ def test_run_then_report(tmp_path, tiny_fmnist):
     assert teachers == {"dense": None, "sparse": str(out / "dense"), "finetune": str(out / "dense")}
 
 
+def test_run_with_stream_channels_starts_the_sparse_stage_from_the_dense_weights(tmp_path, tiny_fmnist):
+    """The dense stage's plain weights load into the stream-gated model (its stream factors start at 1)."""
+    out = tmp_path / "main"
+    assert main(["run", "--data-dir", str(tiny_fmnist), "--epochs", "1", "--sparse-epochs", "1", "--finetune-epochs",
+                 "1", "--batch-size", "16", "--stream-channels", "--kd-weight", "0", "--out", str(out)]) == 0
+    row = json.loads((out / "result.json").read_text())
+    assert abs(row["macs_final"] / row["macs_dense"] - 0.5) <= 0.02 and row["max_logit_difference"] < 1e-3
+
+
 def test_the_pipeline_distils_from_its_dense_stage_unless_told_otherwise(tmp_path):
     from prunekit.config import make_config
     from prunekit.pipeline import distilled

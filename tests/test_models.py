@@ -166,3 +166,26 @@ def test_prunekit_train_starts_from_torchvision_mobilenet_v2_weights(tmp_path, t
     trained = {k: v for k, v in weights.items() if "running" not in k and "num_batches" not in k}
     assert weights["classifier.1.weight"].shape == (10, 1280)
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in trained.items() if not k.startswith("classifier"))
+
+
+def test_a_narrow_conv_shortcut_trains_in_channels_last():
+    """A pruned stream can leave a strided conv shortcut 2 to 7 input channels, where oneDNN's
+    channels_last weight gradient of a strided 1x1 conv corrupted the heap (torch 2.14.1, AVX2): the
+    shortcut reads every stride-th pixel at stride 1 instead, the same function as the strided conv."""
+    import torch
+    from torch import nn
+
+    from prunekit.models import build
+    from prunekit.spec import cifar_resnet_spec
+
+    spec = cifar_resnet_spec(8, in_channels=1)
+    spec.stem = spec.stages[0][0].out = 4
+    spec.stages[0][0].inner = [4]
+    model = build(spec).to(memory_format=torch.channels_last)
+    x = torch.randn(128, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    model(x).sum().backward()
+    block = model.layer2[0]
+    strided = nn.Conv2d(4, block.spec.out, 1, 2, bias=False)
+    strided.weight = block.downsample[0].weight
+    h = torch.randn(2, 4, 15, 15)
+    torch.testing.assert_close(block.downsample[0](block._every_stride_pixel(h)), strided(h))

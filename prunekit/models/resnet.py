@@ -148,7 +148,7 @@ class ResidualBlock(nn.Module):
         if spec.has_branch:
             self.gate = gates.block_gate()
         if spec.shortcut == "conv":
-            conv = nn.Conv2d(in_channels, spec.out, 1, spec.stride, bias=False)
+            conv = nn.Conv2d(in_channels, spec.out, 1, bias=False)  # strided by `_every_stride_pixel`
             self.downsample = nn.Sequential(conv) if preact else nn.Sequential(conv, nn.BatchNorm2d(spec.out))
         elif spec.shortcut == "pad":
             self.downsample = ZeroPadShortcut(in_channels, spec.out, spec.stride, spec.pad_index)
@@ -175,13 +175,22 @@ class ResidualBlock(nn.Module):
         if self.spec.shortcut == "identity":
             shortcut = x
         elif self.spec.shortcut == "conv" and self.preact:
-            shortcut = self.downsample(pre)
+            shortcut = self.downsample(self._every_stride_pixel(pre))
         elif self.spec.shortcut == "conv" and stream is not None:
-            shortcut = gated_batch_norm(self.downsample[1], None, self.downsample[0](x), stream)
+            shortcut = self.downsample[0](self._every_stride_pixel(x))
+            shortcut = gated_batch_norm(self.downsample[1], None, shortcut, stream)
+        elif self.spec.shortcut == "conv":
+            shortcut = self.downsample(self._every_stride_pixel(x))
         else:
             shortcut = self.downsample(x)
         out = shortcut if not self.spec.has_branch else self.gated_branch(x, pre, stream) + shortcut
         return out if self.preact else F.relu(out)
+
+    def _every_stride_pixel(self, x):
+        """The pixels a 1x1 conv of the block's stride reads: the conv shortcut is that conv at stride 1 on
+        them, the same function. (oneDNN's channels_last weight gradient of a strided 1x1 conv with 2 to 7
+        input channels corrupts the heap on an AVX2 CPU with torch 2.14.1; a pruned stream gets there.)"""
+        return x if self.spec.stride == 1 else x[:, :, ::self.spec.stride, ::self.spec.stride]
 
     def branch_convs(self) -> list[nn.Conv2d]:
         return [getattr(self, f"conv{i}") for i in range(1, self.num_convs + 1)]

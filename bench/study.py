@@ -44,8 +44,12 @@ TORCH_PRUNING_REG = {"bn-scale": 1e-4, "group-norm": 1e-4}  # the issue's anchor
 
 
 def protocol(method: str, **changes):
-    """The Config of recipes/fmnist-METHOD.yaml with the command line's and `changes` on top."""
-    return resolve(RECIPES / f"fmnist-{method}.yaml", {**OVERRIDES, **changes})
+    """The Config of recipes/fmnist-METHOD.yaml with the command line's and `changes` on top (the dense
+    baseline, which prunes nothing, without --stream-channels)."""
+    overrides = {**OVERRIDES, **changes}
+    if method == "none":
+        overrides.pop("stream_channels", None)
+    return resolve(RECIPES / f"fmnist-{method}.yaml", overrides)
 
 
 def latency_speedup(model: torch.nn.Module, size: tuple[int, ...], rounds: int = 3) -> tuple[float, float]:

@@ -94,7 +94,8 @@ OPTION_HELP = {
                    "a final freeze ranks by |factor|)",
     "round_to": "kept widths are multiples of N (or the full width); the budget counts the rounded widths",
     "stream_channels": "also prune residual-stream channels (one factor per channel, shared by every block of its "
-                       "stretch of the stream and by zero-pad shortcuts; post-activation ResNets; sss, binary-gate, ista-bn, slimming)",
+                       "stretch of the stream and by zero-pad shortcuts; post-activation ResNets; sss, binary-gate, "
+                       "ista-bn, slimming)",
     "stage_penalties": "stages: ρ (the method's penalty) per stage; 0 fine-tunes",
     "stage_epochs": "stages: epochs per stage",
     "stage_lrs": "stages: learning rate per stage",

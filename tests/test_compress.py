@@ -354,9 +354,9 @@ def test_stream_channels_compress_exactly(name, shortcut, size, kind):
     dead = dead_structures(model, method)
     result = compress(model, spec, dead)
     assert sum(stream_widths(result.spec)) < sum(stream_widths(spec))
-    assert dead.count_channels() == sum(int((f == 0).sum()) for f in
-                                        [*(g.bn.weight if kind == "bn" else g.gate.factor() for g in model.channel_groups()),
-                                         *(sg.gate.factor() for sg in model.stream_groups())])
+    factors = [g.bn.weight if kind == "bn" else g.gate.factor() for g in model.channel_groups()]
+    factors += [sg.gate.factor() for sg in model.stream_groups()]
+    assert dead.count_channels() == sum(int((f == 0).sum()) for f in factors)
     x = torch.randn(4, 1, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-4)

@@ -152,7 +152,8 @@ def test_no_tensor_is_created_off_the_model_device(tmp_path, method):
     assert all(p.device.type == "cpu" for p in trainer.model.parameters())
 
 
-@pytest.mark.parametrize("method, options", [("sss", {"stream_channels": True}), ("binary-gate", {"stream_channels": True}),
+@pytest.mark.parametrize("method, options", [("sss", {"stream_channels": True}),
+                                             ("binary-gate", {"stream_channels": True}),
                                              ("ista-bn", {"stream_channels": True}), ("ista-bn", {"round_to": 4})])
 def test_budgeted_stream_or_rounded_training_stays_on_the_device(tmp_path, method, options):
     """A budget with stream channels or rounded widths, frozen in its first epoch, under "meta" as the

@@ -57,12 +57,12 @@ def resolve_target(value: float, dense: int, what: str) -> int:
 def minimum_cost(spec: specs.Spec, input_hw, metric: str, remove_blocks: bool, round_to: int = 1,
                  stream: bool = False) -> int:
     """The cheapest network pruning could reach: one channel (`round_to` channels) per group, removable
-    branches gone; with `stream`, one residual-stream channel."""
+    branches gone; with `stream`, one (`round_to`) residual-stream channel."""
     smallest = copy.deepcopy(spec)
     if stream:
-        smallest.stem = 1
+        smallest.stem = min(round_to, smallest.stem)
         for _, _, block in smallest.blocks():
-            block.out, block.pad_index = 1, None
+            block.out, block.pad_index = min(round_to, block.out), None
     if isinstance(smallest, specs.ConvNetSpec):
         for layer in smallest.layers:
             layer.width = min(round_to, layer.width)
@@ -143,7 +143,7 @@ def _chunks(model: nn.Module, ranked: list, round_to: int, score) -> list[list]:
     rank order, in runs of `round_to` (the first run holding its width's remainder, if any), so that
     every prefix leaves multiples of N alive; other structures stay single. Units are ranked by their
     mean score."""
-    widths = {g.name: g.bn.num_features for g in model.channel_groups()}  # stream widths are not rounded
+    widths = channel_widths(model)
     units, by_group = [], {}
     for c in ranked:
         if c[1] in widths:
@@ -160,7 +160,7 @@ def _chunks(model: nn.Module, ranked: list, round_to: int, score) -> list[list]:
 def _revive_rounded(model: nn.Module, chosen: list, value, round_to: int) -> list:
     """`chosen` less, in each channel group, the highest-|factor| channels that compression with
     `round_to` would keep anyway: they stay alive and train, and the projected cost is unchanged."""
-    widths = {g.name: g.bn.num_features for g in model.channel_groups()}
+    widths = channel_widths(model)
     by_group: dict = {}
     for c in chosen:
         if c[1] in widths:

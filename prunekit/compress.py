@@ -165,13 +165,15 @@ def _round_up(removed: torch.Tensor, factor: torch.Tensor, round_to: int) -> tor
 def kept_channels(model: nn.Module, dead: DeadSet, round_to: int = 1) -> dict[str, torch.Tensor]:
     """Indices (on the host) of the channels, and for grouped blocks the cardinality groups, that
     compression keeps, by structure name; at least one per structure, the strongest, is always kept.
-    With `round_to` N > 1 each channel group keeps a multiple of N channels (or all of them), adding
-    its highest-|factor| dead ones; cardinality groups are not rounded.
+    With `round_to` N > 1 each channel group, and each stream group's own channels (so every stretch
+    of the stream), keeps a multiple of N channels (or all of them), adding its highest-|factor| dead
+    ones; cardinality groups are not rounded.
     Read-only, no forward pass, one device read (the budget controller projects costs with it)."""
     groups = list(model.channel_groups())
     structures = [(g.name, dead.channels.get(g.name), channel_strength(g)) for g in groups]
-    carried_in = {sg.name for sg in _stream_groups(model) if not sg.root}
-    structures += [(sg.name, dead.channels.get(sg.name), sg.gate.weight.detach().abs()) for sg in _stream_groups(model)]
+    stream = _stream_groups(model)
+    carried_in = {sg.name for sg in stream if not sg.root}
+    structures += [(sg.name, dead.channels.get(sg.name), sg.gate.weight.detach().abs()) for sg in stream]
     for cg in _cardinality_groups(model):
         strength = cg.gate.weight.detach().abs() if isinstance(cg.gate, ScaleGate) else cg.block.bn1.weight.new_ones(cg.count)
         structures.append((cg.name, dead.groups.get(cg.name), strength))
@@ -189,6 +191,8 @@ def kept_channels(model: nn.Module, dead: DeadSet, round_to: int = 1) -> dict[st
             removed[strength.argmax()] = False
         if name in factors:
             removed = _round_up(removed, factors[name], round_to)
+        elif round_to > 1 and name in {sg.name for sg in stream}:
+            removed = _round_up(removed, strength, round_to)  # a stream group's strength is its |factor|
         keep[name] = (~removed).nonzero().flatten()
     return keep
 

@@ -164,7 +164,8 @@ def test_paper_rule_keeps_yes_cost_weights_and_what_the_rule_killed(tmp_path, ru
 
 @pytest.mark.parametrize("method, stop_at, options", [
     ("sss", 3, {}), ("ista-bn", 1, {}), ("ista-bn", 3, {}), ("binary-gate", 3, {}),
-    ("sss", 3, {"stream_channels": True}), ("ista-bn", 3, {"round_to": 4})])
+    ("sss", 3, {"stream_channels": True}), ("ista-bn", 3, {"round_to": 4}),
+    ("binary-gate", 3, {"stream_channels": True, "round_to": 4})])
 def test_budgeted_run_resumed_before_or_after_its_freeze_ends_with_identical_weights(tmp_path, method, stop_at,
                                                                                     options):
     """The optimizer groups' budget weights and the freeze's masks and floors come back from the
@@ -298,3 +299,32 @@ def test_round_to_raises_the_floor_and_is_validated():
     assert make_config({"round_to": 8}).round_to == 8
     with pytest.raises(ConfigError, match="round_to"):
         make_config({"round_to": 0})
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_freeze_ranks_stream_channels_with_the_rest_and_lands_on_the_target(round_to):
+    """A stream-gated ResNet-20 (option-A shortcuts), everything alive, 8 stage-1 stream factors far
+    weaker than the rest: the freeze ranks them with the inner channels and takes them first, meets
+    half the MACs (each stretch a multiple of N), costs what it projected, and compresses exactly."""
+    from types import SimpleNamespace
+
+    from prunekit.budget import BudgetController
+    from test_compress import stream_model, stream_widths
+
+    spec = S.cifar_resnet_spec(20, in_channels=1, shortcut="pad")
+    model = stream_model(spec, "scale", seed=7, dead_fraction=0.0)
+    stage1 = model.stream_groups()[0].gate.weight
+    with torch.no_grad():
+        stage1[:8] = 0.01  # the weakest structures: the freeze takes them first
+    dense = spec_cost(spec, (28, 28)).macs
+    controller = BudgetController(spec, "sss", (28, 28), dense // 2, "macs", 0.6, 0.0, round_to=round_to)
+    controller.freeze(SimpleNamespace(model=model, optimizers=[]))
+    dead = dead_structures(model, "sss")
+    assert (stage1[:8] == 0).all() and (stage1[8:] > 0).all()
+    compressed = compress(model, spec, dead, round_to=round_to)
+    macs = spec_cost(compressed.spec, (28, 28)).macs
+    assert macs == controller.projected <= dense // 2 and macs / dense >= 0.48
+    assert all(w % round_to == 0 for w in stream_widths(compressed.spec))
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(compressed.model(x), model(x), rtol=1e-4, atol=1e-5)

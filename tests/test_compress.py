@@ -454,3 +454,18 @@ def test_a_run_with_stream_channels_meets_its_target_and_narrows_the_stream(tiny
     compressed = S.load(tmp_path / "run" / "compressed" / "spec.json")
     assert sum(stream_widths(compressed)) < sum(stream_widths(spec))
     assert 0.45 <= card["macs_ratio"] <= 0.5 and card["max_logit_difference"] <= 1e-4
+
+
+@pytest.mark.parametrize("round_to", [4, 8])
+def test_round_to_rounds_every_stretch_of_the_stream_exactly(round_to):
+    """With option-A shortcuts a stretch is what it carries in plus its own rounded channels: every
+    stream width is a multiple of N, and the logits are unchanged."""
+    spec = zoo_spec("resnet20", in_channels=1, shortcut="pad")
+    model = stream_model(spec, "scale", seed=5)
+    dead = dead_structures(model, "sss")
+    result = compress(model, spec, dead, round_to=round_to)
+    widths = stream_widths(result.spec)
+    assert all(w % round_to == 0 for w in widths) and widths != stream_widths(compress(model, spec, dead).spec)
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-4)

@@ -172,6 +172,7 @@ def kept_channels(model: nn.Module, dead: DeadSet, round_to: int = 1) -> dict[st
     groups = list(model.channel_groups())
     structures = [(g.name, dead.channels.get(g.name), channel_strength(g)) for g in groups]
     stream = _stream_groups(model)
+    stream_names = {sg.name for sg in stream}
     carried_in = {sg.name for sg in stream if not sg.root}
     structures += [(sg.name, dead.channels.get(sg.name), sg.gate.weight.detach().abs()) for sg in stream]
     for cg in _cardinality_groups(model):
@@ -191,7 +192,7 @@ def kept_channels(model: nn.Module, dead: DeadSet, round_to: int = 1) -> dict[st
             removed[strength.argmax()] = False
         if name in factors:
             removed = _round_up(removed, factors[name], round_to)
-        elif round_to > 1 and name in {sg.name for sg in stream}:
+        elif round_to > 1 and name in stream_names:
             removed = _round_up(removed, strength, round_to)  # a stream group's strength is its |factor|
         keep[name] = (~removed).nonzero().flatten()
     return keep

@@ -91,6 +91,20 @@ def test_no_training_step_waits_for_the_device(tmp_path, method):
     assert len(eight) == len(four) == EPOCH_READS, "\n".join(eight)
 
 
+@pytest.mark.parametrize("method", ["sss", "binary-gate", "ista-bn", "slimming"])
+def test_stream_gates_add_no_wait_and_no_stray_tensor_in_paper_mode(tmp_path, method):
+    """Stream-gated training without a budget: 8 steps wait as often as 4, and it runs with "meta" as
+    the default device."""
+    four = epoch_reads(tmp_path / "a", method, 64, stream_channels=True)
+    eight = epoch_reads(tmp_path / "b", method, 128, stream_channels=True)
+    assert len(eight) == len(four) == EPOCH_READS, "\n".join(eight)
+    trainer = tiny_setup(tmp_path / "meta", method, epochs=1, stream_channels=True)
+    trainer.train_loader = DrawnOnCPU(trainer.train_loader)
+    trainer.eval_loaders = {name: DrawnOnCPU(loader) for name, loader in trainer.eval_loaders.items()}
+    with torch.device("meta"):
+        assert trainer.fit()[0]["train_loss"] > 0
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_evaluation_reads_the_device_once(tmp_path, method):
     trainer = tiny_setup(tmp_path, method, images=128)

@@ -33,7 +33,7 @@ from .config import ConfigError
 from .engine import Callback
 from .gates import BinaryGate, EpsilonGate, ScaleGate
 from .measure import spec_cost
-from .methods import DeadSet, channel_widths, dead_structures
+from .methods import DeadSet, channel_widths, dead_structures, stream_groups
 
 
 def projected_spec(model: nn.Module, spec: specs.Spec, dead: DeadSet, round_to: int = 1) -> specs.Spec:
@@ -93,7 +93,7 @@ def _structures(model: nn.Module):
         owner = g.gate.weight if isinstance(g.gate, (ScaleGate, BinaryGate)) else g.bn.weight
         for c in range(g.bn.num_features):
             yield "channel", g.name, c, owner
-    for sg in getattr(model, "stream_groups", lambda: [])():
+    for sg in stream_groups(model):
         for c in range(sg.width):
             yield "channel", sg.name, c, sg.gate.weight
     for cg in getattr(model, "cardinality_groups", lambda: [])():
@@ -121,7 +121,7 @@ def cost_weights(model: nn.Module, spec: specs.Spec, input_hw, metric: str = "ma
         dead = DeadSet({name: torch.arange(width, device="cpu") == 0})
         reduced = pruned_spec(model, spec, dead, kept_channels(model, dead))
         weights[name] = base - getattr(spec_cost(reduced, input_hw), metric)
-    stream = getattr(model, "stream_groups", lambda: [])()
+    stream = stream_groups(model)
     if stream:  # per layer it couples, as an inner channel's cost is over its 2 (see `cost_weights`)
         layers = model.stream_layers()
         for sg in stream:

@@ -25,7 +25,7 @@ from . import spec as specs
 from .checkpoint import atomic_write_json, atomic_write_text, load_weights, save_weights
 from .errors import FileFormatError, one_line, read_json
 from .gates import BinaryGate, ScaleGate
-from .methods import DeadSet, dead_structures, zero_gammas
+from .methods import DeadSet, dead_structures, stream_groups, zero_gammas
 from .models import MobileNetV2, build
 from .models.resnet import ResNet
 
@@ -43,10 +43,6 @@ class Compressed:
 
 def _cardinality_groups(model: nn.Module):
     return getattr(model, "cardinality_groups", lambda: [])()
-
-
-def _stream_groups(model: nn.Module):
-    return getattr(model, "stream_groups", lambda: [])()
 
 
 def stream_kept(model: nn.Module, keep: dict[str, torch.Tensor]) -> list[torch.Tensor] | None:
@@ -171,7 +167,7 @@ def kept_channels(model: nn.Module, dead: DeadSet, round_to: int = 1) -> dict[st
     Read-only, no forward pass, one device read (the budget controller projects costs with it)."""
     groups = list(model.channel_groups())
     structures = [(g.name, dead.channels.get(g.name), channel_strength(g)) for g in groups]
-    stream = _stream_groups(model)
+    stream = stream_groups(model)
     stream_names = {sg.name for sg in stream}
     carried_in = {sg.name for sg in stream if not sg.root}
     structures += [(sg.name, dead.channels.get(sg.name), sg.gate.weight.detach().abs()) for sg in stream]

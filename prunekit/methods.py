@@ -70,11 +70,16 @@ class DeadSet:
         return int(sum(int(m.sum()) for m in self.groups.values()))
 
 
+def stream_groups(model: nn.Module) -> list:
+    """The model's residual-stream groups (`models.resnet.StreamGroup`); none for models without stream gates."""
+    return getattr(model, "stream_groups", lambda: [])()
+
+
 def channel_widths(model: nn.Module) -> dict[str, int]:
     """The number of channels of every prunable channel set by name: the channel groups, and the
     residual-stream groups (the channels each segment does not carry in)."""
     widths = {g.name: g.bn.num_features for g in model.channel_groups()}
-    widths.update({sg.name: sg.width for sg in getattr(model, "stream_groups", lambda: [])()})
+    widths.update({sg.name: sg.width for sg in stream_groups(model)})
     return widths
 
 
@@ -85,16 +90,16 @@ def channel_factor(group) -> torch.Tensor:
     return group.bn.weight.detach()
 
 
-def slimming_factors(model: nn.Module) -> list[torch.Tensor]:
-    """The factors network slimming penalises and thresholds: every prunable BN γ, and the
-    residual-stream factors (one per stream channel, in the role of a γ shared by its writers)."""
+def gamma_factors(model: nn.Module) -> list[torch.Tensor]:
+    """The factors the BN-γ methods act on: every prunable BN γ, and the residual-stream factors (one
+    per stream channel, in the role of a γ shared by its writers)."""
     return [g.bn.weight for g in model.channel_groups()] + \
-        [sg.gate.weight for sg in getattr(model, "stream_groups", lambda: [])()]
+        [sg.gate.weight for sg in stream_groups(model)]
 
 
 def slimming_threshold(model: nn.Module, percent: float) -> float:
     """Network slimming's global threshold: the `percent` percentile of all prunable |γ| (and stream factors)."""
-    values = torch.cat([f.detach().abs().flatten() for f in slimming_factors(model)])
+    values = torch.cat([f.detach().abs().flatten() for f in gamma_factors(model)])
     k = int(round(percent / 100 * values.numel()))
     return float(values.sort().values[k - 1]) if k > 0 else -1.0
 
@@ -129,7 +134,7 @@ def dead_structures(model: nn.Module, method: str, *, prune_percent: float | Non
         threshold = 0.0 if prune_percent is None else slimming_threshold(model, prune_percent)
         for g in model.channel_groups():
             dead.channels[g.name] = g.bn.weight.detach().abs() <= threshold
-        for sg in getattr(model, "stream_groups", lambda: [])():
+        for sg in stream_groups(model):
             dead.channels[sg.name] = sg.gate.weight.detach().abs() <= threshold
     elif method != "epsilon-resnet":
         for g in model.channel_groups():  # BN γ for ista-bn; SSS and binary gates only where channels are gated
@@ -138,7 +143,7 @@ def dead_structures(model: nn.Module, method: str, *, prune_percent: float | Non
         for cg in getattr(model, "cardinality_groups", lambda: [])():
             if isinstance(cg.gate, ScaleGate):
                 dead.groups[cg.name] = cg.gate.weight.detach() == 0
-        for sg in getattr(model, "stream_groups", lambda: [])():
+        for sg in stream_groups(model):
             dead.channels[sg.name] = sg.gate.factor() == 0
     for s, b, block in getattr(model, "residual_blocks", lambda: [])():
         gate = getattr(block, "gate", None)
@@ -156,7 +161,7 @@ def zero_gammas(model: nn.Module, dead: DeadSet) -> None:
         for g in model.channel_groups():
             if g.name in dead.channels:
                 g.bn.weight.masked_fill_(dead.channels[g.name].to(g.bn.weight.device), 0.0)
-        for sg in getattr(model, "stream_groups", lambda: [])():
+        for sg in stream_groups(model):
             sg.gate.weight.masked_fill_(dead.channels[sg.name].to(sg.gate.weight.device), 0.0)
 
 
@@ -192,7 +197,7 @@ def stream_costs(model: nn.Module, costs: dict[str, float]) -> dict[str, float]:
     """The c_l of each residual-stream group (ours; Ye et al. leave the stream alone): the mean c_l of
     the inner channels of its segment's blocks, which run at its resolution (all groups' mean if none)."""
     result = {}
-    for sg in getattr(model, "stream_groups", lambda: [])():
+    for sg in stream_groups(model):
         blocks = {f"layer{s + 1}.{b}." for s, b in model.segments[sg.segment].blocks}
         inner = [c for name, c in costs.items() if name[:name.rindex(".") + 1] in blocks] or list(costs.values())
         result[sg.name] = sum(inner) / len(inner)
@@ -209,7 +214,7 @@ def sparsity_metrics(model: nn.Module, method: str, costs: dict[str, float] | No
     metrics = {"alive_channels": [int((~dead.channels[g.name]).sum()) if g.name in dead.channels else g.bn.num_features
                                   for g in groups],
                "dead_channels": dead.count_channels(), "total_channels": sum(channel_widths(model).values())}
-    stream = getattr(model, "stream_groups", lambda: [])()
+    stream = stream_groups(model)
     if stream:
         metrics["alive_stream"] = [int((~dead.channels[sg.name]).sum()) for sg in stream]
     blocks = list(getattr(model, "residual_blocks", lambda: [])())
@@ -297,8 +302,7 @@ class WeightAverage(Callback):
         self.updates += 1
         torch._foreach_lerp_(self.shadow, [p.detach() for p in trainer.model.parameters()], 1 - decay)
         if trainer.epoch + 1 == trainer.epochs and trainer.step_in_epoch + 1 == len(trainer.train_loader):
-            factors = [g.bn.weight for g in trainer.model.channel_groups()] + \
-                [sg.gate.weight for sg in getattr(trainer.model, "stream_groups", lambda: [])()]
+            factors = gamma_factors(trainer.model)
             raw_zero = [f == 0 for f in factors]
             for p, s in zip(trainer.model.parameters(), self.shadow):
                 p.copy_(s)
@@ -415,16 +419,16 @@ def build_method(model: nn.Module, config, input_size: tuple[int, ...]) -> Metho
     callbacks: list[Callback] = []
     optimizers: list[torch.optim.Optimizer] = []
     costs = None
-    stream = getattr(model, "stream_groups", lambda: [])()
+    stream = stream_groups(model)
     if method == "ista-bn":
         if config.gamma_rescale != 1.0:
             rescale_gamma(model, config.gamma_rescale)
         costs = ista_costs(model, input_size)
         groups = model.channel_groups()
         special |= {id(g.bn.weight) for g in groups}
+        stream_cost = stream_costs(model, costs)
         optimizers.append(ISTA([{"params": [g.bn.weight], "cost": costs[g.name]} for g in groups] +
-                               [{"params": [sg.gate.weight], "cost": c}
-                                for sg, c in zip(stream, stream_costs(model, costs).values())],
+                               [{"params": [sg.gate.weight], "cost": stream_cost[sg.name]} for sg in stream],
                                lr=config.lr, penalty=penalty))
     elif method == "slimming":  # the stream factors train with SGD, like γ, under the L1 subgradient
         special -= {id(sg.gate.weight) for sg in stream}
@@ -438,7 +442,7 @@ def build_method(model: nn.Module, config, input_size: tuple[int, ...]) -> Metho
                                           {"params": no_decay, "weight_decay": 0.0}],
                                          lr=config.lr, momentum=config.momentum, nesterov=config.nesterov))
     if method == "slimming":
-        callbacks.append(L1Subgradient(slimming_factors(model), lambda: penalty_of(config)))
+        callbacks.append(L1Subgradient(gamma_factors(model), lambda: penalty_of(config)))
         if config.prune_percent is not None:
             callbacks.append(SlimmingPrune(lambda _: config.prune_percent))
     if method == "ista-bn" and config.weight_average:

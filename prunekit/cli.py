@@ -29,8 +29,9 @@ OPTION_HELP = {
     "teacher": "distil from this run or export (Hinton KD on the logits) during training (default: none)",
     "kd_weight": "weight of the distillation term (with --teacher)",
     "kd_temperature": "softmax temperature of the distillation term (with --teacher)",
-    "rewind": "LR rewinding (Renda et al.): follow the last --epochs epochs of the schedule of a run of this many "
-              "epochs (default: no rewinding)",
+    "rewind": "LR rewinding (Renda et al.): follow the last --epochs epochs of the schedule (--schedule, peak --lr) "
+              "of a run of this many epochs; fine-tuning then replays the original run's schedule instead of "
+              "cosine decay (default: no rewinding)",
     "compile": "torch.compile the training forward pass",
     "channels_last": "NHWC activations and weights (default on; FM-R20 on a 2-core CPU: 1.2–1.4× faster; always on with CUDA)",
     "amp": "mixed precision: bf16 autocast (fp16 with a loss scaler on GPUs without bf16); on a CPU without "
@@ -203,15 +204,16 @@ def _config(args, defaults: dict | None = None) -> Config:
 
 
 DATA_FIELDS = ("data", "data_dir", "train_subset", "extra_data", "pad", "flip")  # what a retraining inherits
+SCHEDULE_FIELDS = ("lr", "schedule", "warmup_epochs", "milestones", "lr_gamma")  # what LR rewinding replays
 
 
-def _source_data(path) -> dict:
+def _source_data(path, fields: tuple[str, ...] = DATA_FIELDS) -> dict:
     """The data fields of the run an export (or a spec) came from, as defaults for retraining it: a
     compressed Fashion-MNIST model is fine-tuned on Fashion-MNIST unless a recipe or flag says otherwise."""
     from .runner import source_config
 
     recorded = source_config(path)
-    return {k: getattr(recorded, k) for k in DATA_FIELDS} if recorded else {}
+    return {k: getattr(recorded, k) for k in fields} if recorded else {}
 
 
 def cmd_train(args) -> int:
@@ -339,9 +341,11 @@ def cmd_run(args) -> int:
 def cmd_finetune(args) -> int:
     from .protocols import finetune
 
+    config = _config(args, _source_data(args.path, DATA_FIELDS + SCHEDULE_FIELDS))
     explicit = {field: getattr(args, flag) for flag, field in FINETUNE_FLAGS.items()}  # validated as the flags
-    config = dataclasses.replace(_config(args, _source_data(args.path)),
-                                 **{k: v for k, v in explicit.items() if v is not None})
+    if config.rewind is not None:  # rewinding replays the original schedule: --lr is its peak
+        explicit["lr"] = explicit.pop("finetune_lr")
+    config = dataclasses.replace(config, **{k: v for k, v in explicit.items() if v is not None})
     result = finetune(args.path, config, args.out, resume=args.resume, force=args.force)
     print(f"fine-tuned {args.out}: test accuracy {result['history'][-1]['test_acc']:.4f}")
     return 0

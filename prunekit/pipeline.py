@@ -30,10 +30,11 @@ MAIN_JOB = {"model": "resnet20", "data": "fashion-mnist", "method": "sss", "epoc
 
 
 def sparse_config(config: Config) -> Config:
-    """The sparse stage: the method at its target (half the MACs unless told), `sparse_epochs` long."""
+    """The sparse stage: the method at its target (half the MACs unless told), `sparse_epochs` long, on its own
+    schedule (`rewind` is for fine-tuning)."""
     target = config.target_macs if config.target_macs is not None or config.target_params is not None \
         else DEFAULT_TARGET_MACS
-    return dataclasses.replace(config, epochs=config.sparse_epochs, target_macs=target)
+    return dataclasses.replace(config, epochs=config.sparse_epochs, target_macs=target, rewind=None)
 
 
 def distilled(config: Config, out: Path) -> Config:
@@ -50,7 +51,7 @@ def run_pipeline(config: Config, out: str | Path, *, resume: bool = False, force
     say = log or (lambda msg: print(msg, flush=True))
     start = time.perf_counter()
     say(f"[1/4] dense training ({config.model}, {config.epochs} epochs) → {out / 'dense'}")
-    dense = train(dataclasses.replace(config, method="none", target_macs=None, target_params=None),
+    dense = train(dataclasses.replace(config, method="none", target_macs=None, target_params=None, rewind=None),
                   out / "dense", resume=resume, force=force, log=log)
     say(f"[2/4] sparse training ({config.method}, {config.sparse_epochs} epochs) → {out / 'sparse'}")
     retrain = distilled(config, out)

@@ -62,10 +62,13 @@ def scratch_b_schedule(epochs: int, milestones: list[float] | None, ratio: float
 
 
 def finetune_config(config: Config) -> Config:
-    """Fine-tuning: no sparsity, the fine-tune LR and epochs, cosine decay."""
-    return dataclasses.replace(config, method="none", epochs=config.finetune_epochs, lr=config.finetune_lr,
-                               schedule="cosine", warmup_epochs=0.0, penalty=None, target_macs=None,
-                               target_params=None)
+    """Fine-tuning: no sparsity, the fine-tune epochs, and either cosine decay from the fine-tune LR or, with
+    `rewind`, LR rewinding: the last fine-tune epochs of the original schedule and LR over `rewind` epochs."""
+    retrain = dataclasses.replace(config, method="none", epochs=config.finetune_epochs, penalty=None,
+                                  target_macs=None, target_params=None)
+    if config.rewind is not None:
+        return retrain
+    return dataclasses.replace(retrain, lr=config.finetune_lr, schedule="cosine", warmup_epochs=0.0)
 
 
 def _keeps_step_schedule(config: Config) -> bool:

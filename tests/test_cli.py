@@ -178,6 +178,11 @@ def test_finetune_honours_epochs_and_lr_and_keeps_the_runs_data(tmp_path, tiny_f
     assert (record["epochs"], record["lr"]) == (3, 0.05)
     assert {k: record[k] for k in DATA_FIELDS} == {k: source[k] for k in DATA_FIELDS}
     assert record["data_dir"] == str(tiny_fmnist) and record["flip"] is False
+    assert record["schedule"] == "cosine"
+    assert run_cli("finetune", out / "compressed", "--epochs", "1", "--lr", "0.2", "--rewind", "4",
+                   "--batch-size", "32", "--out", tmp_path / "rewound") == 0
+    rewound = json.loads((tmp_path / "rewound" / "config.json").read_text())["config"]
+    assert (rewound["schedule"], rewound["lr"], rewound["rewind"]) == ("constant", 0.2, 4)  # the original's shape
 
 
 def test_report_names_a_damaged_metrics_line(tmp_path, capsys):

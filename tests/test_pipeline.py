@@ -1,5 +1,6 @@
 """`prunekit run` end to end on tiny data, and `prunekit report` on its output."""
 import json
+import math
 import struct
 
 from prunekit.cli import main
@@ -58,3 +59,21 @@ def test_the_pipeline_distils_from_its_dense_stage_unless_told_otherwise(tmp_pat
     assert distilled(make_config({}), tmp_path).teacher == str(tmp_path / "dense")
     assert distilled(make_config({"kd_weight": 0.0}), tmp_path).teacher is None
     assert distilled(make_config({"teacher": "elsewhere"}), tmp_path).teacher == "elsewhere"
+
+
+def test_lr_rewinding_in_the_pipeline_is_for_fine_tuning_only():
+    """`run --rewind 5 --finetune-epochs 3`: dense and sparse stages on their own schedules, fine-tuning on the
+    last 3 of 5 epochs of the one-cycle at peak 0.1 (epoch 2 of 5: ½ · 0.1 · (1 + cos(π · 0.1/0.7)) ≈ 0.09505)."""
+    import pytest
+
+    from prunekit.config import ConfigError, make_config
+    from prunekit.protocols import finetune_config
+    from prunekit.pipeline import sparse_config
+    from prunekit.schedule import make_policy
+
+    config = make_config({"epochs": 5, "sparse_epochs": 2, "finetune_epochs": 3, "rewind": 5})
+    assert sparse_config(config).rewind is None
+    policy = make_policy(finetune_config(config))
+    assert policy.lr_at(0) == pytest.approx(1e-5 + (0.1 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 0.1 / 0.7)))
+    with pytest.raises(ConfigError, match="rewind: the original schedule's 5 epochs cannot hold a 6-epoch"):
+        make_config({"epochs": 5, "finetune_epochs": 6, "rewind": 5})

@@ -115,6 +115,21 @@ def test_finetune_starts_from_the_export(tiny, compressed, tmp_path):
     assert (tmp_path / "ft" / "final" / "model.safetensors").exists()
 
 
+def test_finetune_decays_from_its_own_lr_or_rewinds_the_original_schedule():
+    """Plain: cosine from finetune_lr over finetune_epochs. Rewound (Renda et al.): the last 3 epochs of the
+    10-epoch one-cycle at peak 0.1, so epoch 0 of fine-tuning is epoch 7 of the original:
+    1e-5 + (0.1 − 1e-5) · ½ · (1 + cos(π · (0.7 − 0.3) / 0.7)) = 0.038880."""
+    from prunekit.protocols import finetune_config
+    from prunekit.schedule import make_policy
+
+    config = make_config({"epochs": 10, "lr": 0.1, "schedule": "onecycle", "finetune_epochs": 3,
+                          "finetune_lr": 0.01})
+    plain = make_policy(finetune_config(config))
+    assert [plain.lr_at(e) for e in (0, 1.5, 3)] == pytest.approx([0.01, 0.005, 0.0])
+    rewound = make_policy(finetune_config(make_config({**config.to_dict(), "rewind": 10})))
+    assert [rewound.lr_at(e) for e in (0, 3)] == pytest.approx([0.038880, 1e-5], abs=1e-6)
+
+
 def test_scratch_e_trains_the_export_spec_for_the_original_epochs(tiny, compressed, tmp_path):
     result = scratch(compressed, tiny(milestones=[1]), tmp_path / "e", budget="E", log=quiet)
     assert result["spec"] == S.load(compressed / "spec.json")

@@ -135,9 +135,13 @@ class MobileNetV2Spec:
 Spec = ResNetSpec | ConvNetSpec | MobileNetV2Spec
 
 
+def _without_default_pad_index(items: list[tuple[str, object]]) -> dict:
+    return {key: value for key, value in items if not (key == "pad_index" and value is None)}
+
+
 def to_dict(spec: Spec) -> dict:
-    """The spec as plain JSON-ready data."""
-    return asdict(spec)
+    """The spec as plain JSON-ready data (a block's `pad_index` only where compression set one)."""
+    return asdict(spec, dict_factory=_without_default_pad_index)
 
 
 def to_json(spec: Spec) -> str:

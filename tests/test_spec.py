@@ -13,6 +13,18 @@ def test_json_round_trip_is_exact(name):
     assert S.from_dict(json.loads(S.to_json(spec))) == spec
 
 
+def test_a_block_records_its_pad_index_only_where_compression_set_one():
+    import dataclasses
+
+    spec = zoo_spec("resnet20", shortcut="pad")
+    assert "pad_index" not in S.to_json(spec)
+    stages = [list(stage) for stage in spec.stages]
+    stages[1][0] = dataclasses.replace(stages[1][0], pad_index=[2, 0, 1] + list(range(3, 16)))
+    moved = dataclasses.replace(spec, stages=stages)
+    assert S.to_json(moved).count('"pad_index"') == 1
+    assert S.from_dict(json.loads(S.to_json(moved))) == moved
+
+
 def test_units_form_gives_the_papers_depths():
     r50 = zoo_spec("resnet50", num_classes=1000)
     r41 = S.apply_units(r50, [(0, False), (4, True), (6, True), (3, True)])

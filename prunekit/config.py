@@ -262,9 +262,6 @@ def make_config(values: dict, source: str = "config") -> Config:
         raise ConfigError(f"{source}: stage_penalties, stage_epochs (whole epochs ≥ 1) and stage_lrs need one "
                           f"value per stage each, got {len(config.stage_penalties)}, {len(config.stage_epochs)} "
                           f"and {len(config.stage_lrs)}")
-    if config.rewind is not None and config.rewind < max(config.epochs, config.finetune_epochs):
-        raise ConfigError(f"{source}: rewind: the original schedule's {config.rewind} epochs cannot hold a "
-                          f"{max(config.epochs, config.finetune_epochs)}-epoch rewound run")
     if config.stream_channels and config.method in ("none", "epsilon-resnet"):
         raise ConfigError(f"{source}: stream_channels: a channel method prunes the stream (sss, binary-gate, ista-bn, "
                           f"slimming), not {_show(config.method)}")

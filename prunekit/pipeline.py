@@ -18,9 +18,10 @@ from .checkpoint import atomic_write_json, load_weights
 from .compress import compress_run
 from .config import Config
 from .measure import measure_latency, spec_cost
-from .protocols import export_accuracy, finetune
+from .protocols import export_accuracy, finetune, finetune_config
 from .report import report_table, write_report
 from .runner import input_size, train
+from .schedule import make_policy
 
 DEFAULT_TARGET_MACS = 0.5
 # `prunekit run` with no options: ResNet-20 on all of Fashion-MNIST, sized to finish in about 15 minutes
@@ -50,6 +51,7 @@ def run_pipeline(config: Config, out: str | Path, *, resume: bool = False, force
     out = Path(out)
     say = log or (lambda msg: print(msg, flush=True))
     start = time.perf_counter()
+    make_policy(finetune_config(config))  # a fine-tuning schedule that cannot be built fails before the dense stage
     say(f"[1/4] dense training ({config.model}, {config.epochs} epochs) → {out / 'dense'}")
     dense = train(dataclasses.replace(config, method="none", target_macs=None, target_params=None, rewind=None),
                   out / "dense", resume=resume, force=force, log=log)

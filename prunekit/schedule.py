@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from .config import ConfigError
+
 
 class LRPolicy:
     """Base policy: a fixed learning-rate curve that ignores events."""
@@ -124,6 +126,9 @@ class RewoundPolicy(LRPolicy):
 def make_policy(config) -> LRPolicy:
     """The policy a Config asks for; with `config.rewind`, the last `epochs` of that schedule over `rewind` epochs."""
     if config.rewind is not None:
+        if config.rewind < config.epochs:
+            raise ConfigError(f"rewind: the original schedule's {config.rewind} epochs cannot hold a "
+                              f"{config.epochs}-epoch rewound run; give --rewind {config.epochs} or more")
         original = make_policy(dataclasses.replace(config, epochs=config.rewind, rewind=None))
         return RewoundPolicy(original, config.epochs)
     if config.schedule == "onecycle":

@@ -75,5 +75,12 @@ def test_lr_rewinding_in_the_pipeline_is_for_fine_tuning_only():
     assert sparse_config(config).rewind is None
     policy = make_policy(finetune_config(config))
     assert policy.lr_at(0) == pytest.approx(1e-5 + (0.1 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 0.1 / 0.7)))
-    with pytest.raises(ConfigError, match="rewind: the original schedule's 5 epochs cannot hold a 6-epoch"):
-        make_config({"epochs": 5, "finetune_epochs": 6, "rewind": 5})
+    with pytest.raises(ConfigError, match="cannot hold a 10-epoch rewound run; give --rewind 10 or more"):
+        make_policy(make_config({"epochs": 10, "rewind": 5}))  # `train --epochs 10 --rewind 5`, before any step
+
+
+def test_a_fine_tuning_schedule_that_cannot_be_built_stops_the_run_before_the_dense_stage(tmp_path, capsys):
+    assert main(["run", "--data", "digits", "--epochs", "9", "--finetune-epochs", "6", "--rewind", "5",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "original schedule's 5 epochs cannot hold a 6-epoch rewound run" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "dense").exists()

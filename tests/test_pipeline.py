@@ -11,7 +11,7 @@ from prunekit.report import read_metrics
 def test_run_then_report(tmp_path, tiny_fmnist):
     out = tmp_path / "main"
     assert main(["run", "--data-dir", str(tiny_fmnist), "--epochs", "1", "--sparse-epochs", "2",
-                 "--finetune-epochs", "1", "--batch-size", "16", "--lr", "0.05", "--out", str(out)]) == 0
+                 "--finetune-epochs", "1", "--batch-size", "16", "--lr", "0.05", "--kd-weight", "1", "--out", str(out)]) == 0
     for part in ("dense", "sparse", "compressed", "finetune"):
         assert (out / part).is_dir()
     row = json.loads((out / "result.json").read_text())
@@ -56,7 +56,10 @@ def test_the_pipeline_distils_from_its_dense_stage_unless_told_otherwise(tmp_pat
     from prunekit.config import make_config
     from prunekit.pipeline import distilled
 
+    from prunekit.pipeline import MAIN_JOB
+
     assert distilled(make_config({}), tmp_path).teacher == str(tmp_path / "dense")
+    assert distilled(make_config(MAIN_JOB), tmp_path).teacher is None  # the main job's default: no distillation
     assert distilled(make_config({"kd_weight": 0.0}), tmp_path).teacher is None
     assert distilled(make_config({"teacher": "elsewhere"}), tmp_path).teacher == "elsewhere"
 

@@ -31,7 +31,7 @@ OPTION_HELP = {
     "kd_temperature": "softmax temperature of the distillation term (with --teacher)",
     "rewind": "LR rewinding (Renda et al.): follow the last --epochs epochs of the schedule (--schedule, peak --lr) "
               "of a run of this many epochs; fine-tuning then replays the original run's schedule instead of "
-              "cosine decay (default: no rewinding)",
+              "cosine decay from --finetune-lr; 0: no rewinding",
     "compile": "torch.compile the training forward pass",
     "channels_last": "NHWC activations and weights (default on; FM-R20 on a 2-core CPU: 1.2–1.4× faster; always on with CUDA)",
     "amp": "mixed precision: bf16 autocast (fp16 with a loss scaler on GPUs without bf16); on a CPU without "
@@ -125,11 +125,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         self.defaults = defaults
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        default = action.default
-        if getattr(action, "config_field", False):
+        default, config_field = action.default, getattr(action, "config_field", False)
+        if config_field:
             default = {**CONFIG_DEFAULTS, **self.defaults()}[action.dest]
-        if (not action.option_strings or default is None or default is argparse.SUPPRESS
-                or isinstance(action, argparse._StoreTrueAction) or "(default" in action.help):
+        if (not action.option_strings or default is argparse.SUPPRESS or "(default" in action.help
+                or isinstance(action, argparse._StoreTrueAction) or default is None and not config_field):
             return action.help
         return f"{action.help} (default: {_shown(default)})"
 
@@ -343,7 +343,7 @@ def cmd_finetune(args) -> int:
 
     config = _config(args, _source_data(args.path, DATA_FIELDS + SCHEDULE_FIELDS))
     explicit = {field: getattr(args, flag) for flag, field in FINETUNE_FLAGS.items()}  # validated as the flags
-    if config.rewind is not None:  # rewinding replays the original schedule: --lr is its peak
+    if config.rewind:  # rewinding replays the original schedule: --lr is its peak
         explicit["lr"] = explicit.pop("finetune_lr")
     config = dataclasses.replace(config, **{k: v for k, v in explicit.items() if v is not None})
     result = finetune(args.path, config, args.out, resume=args.resume, force=args.force)

@@ -50,7 +50,7 @@ class Config:
     teacher: str | None = None
     kd_weight: float = 1.0
     kd_temperature: float = 4.0
-    rewind: int | None = None
+    rewind: int | None = None  # 0 or None: no rewinding
     # execution
     seed: int = 0
     device: str = "auto"
@@ -145,7 +145,7 @@ RANGES = {
     "stage_epochs": EPOCHS, "stage_lrs": LR, "target_macs": Range(0, math.inf, low_open=True),
     "target_params": Range(0, math.inf, low_open=True), "target_epoch_fraction": Range(0, 1, low_open=True),
     "sparse_epochs": EPOCHS, "finetune_epochs": EPOCHS, "finetune_lr": LR, "kd_weight": FACTOR,
-    "kd_temperature": Range(0, 1000, low_open=True), "rewind": EPOCHS, "round_to": Range(1, 1024),
+    "kd_temperature": Range(0, 1000, low_open=True), "rewind": Range(0, MAX_EPOCHS), "round_to": Range(1, 1024),
 }
 SCHEDULE_EPOCHS = Range(0, MAX_EPOCHS)  # the keys of lr_schedule and lr_restart_schedule
 

@@ -66,7 +66,7 @@ def finetune_config(config: Config) -> Config:
     `rewind`, LR rewinding: the last fine-tune epochs of the original schedule and LR over `rewind` epochs."""
     retrain = dataclasses.replace(config, method="none", epochs=config.finetune_epochs, penalty=None,
                                   target_macs=None, target_params=None)
-    if config.rewind is not None:
+    if config.rewind:
         return retrain
     return dataclasses.replace(retrain, lr=config.finetune_lr, schedule="cosine", warmup_epochs=0.0)
 

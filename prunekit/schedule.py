@@ -125,7 +125,7 @@ class RewoundPolicy(LRPolicy):
 
 def make_policy(config) -> LRPolicy:
     """The policy a Config asks for; with `config.rewind`, the last `epochs` of that schedule over `rewind` epochs."""
-    if config.rewind is not None:
+    if config.rewind:
         if config.rewind < config.epochs:
             raise ConfigError(f"rewind: the original schedule's {config.rewind} epochs cannot hold a "
                               f"{config.epochs}-epoch rewound run; give --rewind {config.epochs} or more")

@@ -128,6 +128,8 @@ def test_finetune_decays_from_its_own_lr_or_rewinds_the_original_schedule():
     assert [plain.lr_at(e) for e in (0, 1.5, 3)] == pytest.approx([0.01, 0.005, 0.0])
     rewound = make_policy(finetune_config(make_config({**config.to_dict(), "rewind": 10})))
     assert [rewound.lr_at(e) for e in (0, 3)] == pytest.approx([0.038880, 1e-5], abs=1e-6)
+    off = make_policy(finetune_config(make_config({**config.to_dict(), "rewind": 0})))  # `run --rewind 0`
+    assert [off.lr_at(e) for e in (0, 1.5)] == pytest.approx([0.01, 0.005])
 
 
 def test_scratch_e_trains_the_export_spec_for_the_original_epochs(tiny, compressed, tmp_path):

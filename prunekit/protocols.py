@@ -77,12 +77,13 @@ def _keeps_step_schedule(config: Config) -> bool:
 
 
 def scratch_e_config(config: Config) -> Config:
-    """Scratch-E: a dense run of the original length and schedule (step decays at 50%/75% if none given)."""
+    """Scratch-E: a dense run of the original length and schedule (step decays at 50%/75% if none given),
+    from its start (no rewinding)."""
+    dense = dataclasses.replace(config, method="none", penalty=None, target_macs=None, target_params=None, rewind=None)
     if not _keeps_step_schedule(config):
-        return dataclasses.replace(config, method="none", penalty=None, target_macs=None, target_params=None)
+        return dense
     milestones = config.milestones or [float(math.floor(config.epochs * f)) for f in DEFAULT_DECAY_FRACTIONS]
-    return dataclasses.replace(config, method="none", penalty=None, schedule="step", milestones=list(milestones),
-                               target_macs=None, target_params=None)
+    return dataclasses.replace(dense, schedule="step", milestones=list(milestones))
 
 
 def scratch_b_config(config: Config, ratio: float, *, rounding: str = "int", cap: int | None = None,
@@ -93,8 +94,7 @@ def scratch_b_config(config: Config, ratio: float, *, rounding: str = "int", cap
                                             rounding=rounding, cap=cap, cap_step=cap_step)
     if not _keeps_step_schedule(config):
         return dataclasses.replace(scratch_e_config(config), epochs=epochs)
-    return dataclasses.replace(config, method="none", penalty=None, schedule="step", epochs=epochs,
-                               target_macs=None, target_params=None,
+    return dataclasses.replace(scratch_e_config(config), schedule="step", epochs=epochs,
                                milestones=[float(m) for m in milestones])
 
 

@@ -132,6 +132,13 @@ def test_finetune_decays_from_its_own_lr_or_rewinds_the_original_schedule():
     assert [off.lr_at(e) for e in (0, 1.5)] == pytest.approx([0.01, 0.005])
 
 
+def test_scratch_runs_start_their_schedule_from_the_beginning_even_where_fine_tuning_rewinds():
+    config = make_config({"epochs": 10, "schedule": "onecycle", "rewind": 10, "finetune_epochs": 5})
+    assert scratch_e_config(config).rewind is None
+    b = scratch_b_config(config, 2.0)
+    assert (b.rewind, b.epochs, b.schedule) == (None, 20, "onecycle")
+
+
 def test_scratch_e_trains_the_export_spec_for_the_original_epochs(tiny, compressed, tmp_path):
     result = scratch(compressed, tiny(milestones=[1]), tmp_path / "e", budget="E", log=quiet)
     assert result["spec"] == S.load(compressed / "spec.json")

@@ -12,6 +12,8 @@ from torch import nn
 from ..gates import GateConfig, gated_batch_norm, is_gate
 from ..spec import BlockSpec, ResNetSpec, stream_segments
 
+FEW_CHANNELS = 8  # a strided 1x1 conv shortcut with fewer inputs reads every stride-th pixel at stride 1
+
 
 @dataclass
 class ChannelGroup:
@@ -148,7 +150,8 @@ class ResidualBlock(nn.Module):
         if spec.has_branch:
             self.gate = gates.block_gate()
         if spec.shortcut == "conv":
-            conv = nn.Conv2d(in_channels, spec.out, 1, bias=False)  # strided by `_every_stride_pixel`
+            self.gathers_stride = spec.stride > 1 and in_channels < FEW_CHANNELS
+            conv = nn.Conv2d(in_channels, spec.out, 1, 1 if self.gathers_stride else spec.stride, bias=False)
             self.downsample = nn.Sequential(conv) if preact else nn.Sequential(conv, nn.BatchNorm2d(spec.out))
         elif spec.shortcut == "pad":
             self.downsample = ZeroPadShortcut(in_channels, spec.out, spec.stride, spec.pad_index)
@@ -187,10 +190,11 @@ class ResidualBlock(nn.Module):
         return out if self.preact else F.relu(out)
 
     def _every_stride_pixel(self, x):
-        """The pixels a 1x1 conv of the block's stride reads: the conv shortcut is that conv at stride 1 on
-        them, the same function. (oneDNN's channels_last weight gradient of a strided 1x1 conv with 2 to 7
-        input channels corrupts the heap on an AVX2 CPU with torch 2.14.1; a pruned stream gets there.)"""
-        return x if self.spec.stride == 1 else x[:, :, ::self.spec.stride, ::self.spec.stride]
+        """With fewer than FEW_CHANNELS inputs, the pixels a strided 1x1 conv reads, for the conv shortcut to
+        read them at stride 1: the same function. (oneDNN's channels_last weight gradient of a strided 1x1
+        conv with 2 to 7 input channels corrupts the heap on an AVX2 CPU with torch 2.14.1; a pruned stream
+        gets there.) Wider shortcuts keep the strided conv, bit-identical to torchvision's."""
+        return x[:, :, ::self.spec.stride, ::self.spec.stride] if self.gathers_stride else x
 
     def branch_convs(self) -> list[nn.Conv2d]:
         return [getattr(self, f"conv{i}") for i in range(1, self.num_convs + 1)]

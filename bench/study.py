@@ -78,7 +78,8 @@ def prunekit_row(method: str, reduction: float, out: Path, tag: str = "") -> dic
         card = compress_run(out / "sparse", out / "compressed")
     except CompressionError as exc:  # e.g. a penalty that killed everything: a row that says so
         return {"method": method, "protocol": f"{retraining()}{tag}", "reduction_target": reduction,
-                "seed": config.seed, "refused": str(exc).split(": ", 1)[-1], "sparse_acc": sparse["history"][-1]["test_acc"],
+                "seed": config.seed, "refused": str(exc).split(": ", 1)[-1],
+                "sparse_acc": sparse["history"][-1]["test_acc"],
                 "minutes": (time.perf_counter() - start) / 60}
     compressed_acc = export_accuracy(out / "compressed", config)
     tuned = finetune(out / "compressed", config, out / "finetune", force=True)
@@ -226,7 +227,8 @@ def main():
                      stream_channels=args.stream_channels or None, rewind=args.rewind)
     paper = args.budget_rule == "paper"
     suffix = (f"-by{args.deadline}" if args.deadline else "") + (f"-seed{args.seed}" if args.seed else "") + \
-        ("-paper" if paper else "") + ("-stream" if args.stream_channels else "") + (f"-rewind{args.rewind}" if args.rewind else "")
+        ("-paper" if paper else "") + ("-stream" if args.stream_channels else "") + \
+        (f"-rewind{args.rewind}" if args.rewind else "")
     tag = (f", budget by {args.deadline:.0%}" if args.deadline else "") + (", paper rule" if paper else "") + \
         (", stream" if args.stream_channels else "")
     out = Path(args.out)

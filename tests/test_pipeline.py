@@ -11,7 +11,8 @@ from prunekit.report import read_metrics
 def test_run_then_report(tmp_path, tiny_fmnist):
     out = tmp_path / "main"
     assert main(["run", "--data-dir", str(tiny_fmnist), "--epochs", "1", "--sparse-epochs", "2",
-                 "--finetune-epochs", "1", "--batch-size", "16", "--lr", "0.05", "--kd-weight", "1", "--out", str(out)]) == 0
+                 "--finetune-epochs", "1", "--batch-size", "16", "--lr", "0.05", "--kd-weight", "1",
+                 "--out", str(out)]) == 0
     for part in ("dense", "sparse", "compressed", "finetune"):
         assert (out / part).is_dir()
     row = json.loads((out / "result.json").read_text())
@@ -66,7 +67,7 @@ def test_the_pipeline_distils_from_its_dense_stage_unless_told_otherwise(tmp_pat
 
 def test_lr_rewinding_in_the_pipeline_is_for_fine_tuning_only():
     """`run --rewind 5 --finetune-epochs 3`: dense and sparse stages on their own schedules, fine-tuning on the
-    last 3 of 5 epochs of the one-cycle at peak 0.1 (epoch 2 of 5: ½ · 0.1 · (1 + cos(π · 0.1/0.7)) ≈ 0.09505)."""
+    last 3 of 5 epochs of the one-cycle at peak 0.1 (epoch 2 of 5: ½ · 0.1 · (1 + cos(π · 0.1/0.7)) ≈ 0.095)."""
     import pytest
 
     from prunekit.config import ConfigError, make_config

@@ -4,15 +4,15 @@ fine-tuned; the same pruned spec trained from scratch (E and B); Torch-Pruning a
 Protocol (issue "protocols"), read from recipes/fmnist-METHOD.yaml: ResNet-20 on Fashion-MNIST, first
 20k training images, full test set; sparse training 10 epochs from scratch (SGD Nesterov 0.9,
 one-cycle LR 0.1, wd 5e-4, batch 128, pad-2 crop + flip) with `target_macs = 1 - reduction`;
-compress; fine-tune 5 epochs at LR 0.01 (cosine), or with --rewind 10 retrain them on the last 5 epochs of
-the one-cycle (LR rewinding). Torch-Pruning trains the plain ResNet-20 for the
+compress; retrain 5 epochs by LR rewinding on the last 5 of the one-cycle (the recipes' `rewind: 10`), or with
+--rewind 0 fine-tune them at LR 0.01 (cosine). Torch-Pruning trains the plain ResNet-20 for the
 same 10 epochs with its pruner's regularizer, prunes globally in small steps until the MACs reach the
-budget, then fine-tunes alike.
+budget, then retrains alike.
 Latency: batch 64, 1×28×28, dense and pruned interleaved in one process, median of 3 rounds.
 
     python bench/study.py --out runs/study --methods sss,ista-bn --reductions 0.3,0.5,0.7 \
         [--scratch sss] [--torch-pruning bn-scale,group-norm] [--seed 1] [--deadline 0.2] [--budget-rule paper] \
-        [--stream-channels] [--rewind 10]
+        [--stream-channels] [--rewind 0] [--finetune-epochs 10]
 
 Rows are appended to OUT/rows.jsonl as they finish; a row already there (same seed and deadline) is not run again.
 With several seeds of a row, the table is followed by their mean and range.
@@ -20,6 +20,7 @@ With several seeds of a row, the table is followed by their mean and range.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -53,9 +54,13 @@ def protocol(method: str, **changes):
     return resolve(RECIPES / f"fmnist-{method}.yaml", overrides)
 
 
-def retraining() -> str:
-    """The retraining protocol's name in the rows: cosine fine-tuning, or LR rewinding with --rewind."""
-    return f"LR rewind {OVERRIDES['rewind']}" if OVERRIDES.get("rewind") else "fine-tune"
+def retraining(method: str) -> str:
+    """The name in the rows of the retraining that `method`'s protocol asks for: LR rewinding (the recipes'
+    `rewind`) or, with --rewind 0, cosine fine-tuning; with the retraining epochs where --finetune-epochs set them."""
+    rewind = protocol(method).rewind
+    name = f"LR rewind {rewind}" if rewind else "fine-tune"
+    epochs = OVERRIDES.get("finetune_epochs")
+    return name + (f", {epochs} epoch{'s' * (epochs != 1)}" if epochs else "")
 
 
 def latency_speedup(model: torch.nn.Module, size: tuple[int, ...], rounds: int = 3) -> tuple[float, float]:
@@ -77,14 +82,15 @@ def prunekit_row(method: str, reduction: float, out: Path, tag: str = "") -> dic
     try:
         card = compress_run(out / "sparse", out / "compressed")
     except CompressionError as exc:  # e.g. a penalty that killed everything: a row that says so
-        return {"method": method, "protocol": f"{retraining()}{tag}", "reduction_target": reduction,
+        return {"method": method, "protocol": f"{retraining(method)}{tag}", "reduction_target": reduction,
                 "seed": config.seed, "refused": str(exc).split(": ", 1)[-1],
                 "sparse_acc": sparse["history"][-1]["test_acc"],
                 "minutes": (time.perf_counter() - start) / 60}
     compressed_acc = export_accuracy(out / "compressed", config)
     tuned = finetune(out / "compressed", config, out / "finetune", force=True)
     ms, speedup = latency_speedup(tuned["model"].cpu(), input_size(config))
-    return {"method": method, "protocol": f"{retraining()}{tag}", "reduction_target": reduction, "seed": config.seed,
+    return {"method": method, "protocol": f"{retraining(method)}{tag}", "reduction_target": reduction,
+            "seed": config.seed,
             "reduction": 1 - card["macs_after"] / card["macs_before"], "sparse_acc": sparse["history"][-1]["test_acc"],
             "compressed_acc": compressed_acc, "final_acc": tuned["history"][-1]["test_acc"],
             "params": card["params_after"], "macs": card["macs_after"], "latency_ms_b64": ms, "speedup_b64": speedup,
@@ -140,7 +146,7 @@ def torch_pruning_row(pruner_name: str, reduction: float, out: Path) -> dict:
     pruner = pruner_class(model, example, importance=importance, reg=TORCH_PRUNING_REG[pruner_name],
                           global_pruning=True, pruning_ratio=1.0, iterative_steps=400, ignored_layers=[model.fc])
     start = time.perf_counter()
-    sparse = fit(model, config, out / "sparse", [Regularize(pruner)])
+    sparse = fit(model, dataclasses.replace(config, rewind=None), out / "sparse", [Regularize(pruner)])  # scratch
     base = count_macs(model, size)
     while count_macs(model, size) > (1 - reduction) * base:  # Torch-Pruning's own recipe for a FLOPs target
         pruner.step()
@@ -148,7 +154,7 @@ def torch_pruning_row(pruner_name: str, reduction: float, out: Path) -> dict:
     tuned = fit(model, finetune_config(config), out / "finetune", [])
     ms, speedup = latency_speedup(model.cpu(), size)
     macs = count_macs(model, size)
-    return {"method": f"torch-pruning {pruner_name}", "protocol": retraining(), "reduction_target": reduction,
+    return {"method": f"torch-pruning {pruner_name}", "protocol": retraining("none"), "reduction_target": reduction,
             "seed": config.seed,
             "reduction": 1 - macs / base, "sparse_acc": sparse[-1]["test_acc"],
             "compressed_acc": pruned_acc, "final_acc": tuned[-1]["test_acc"], "params": count_params(model),
@@ -213,12 +219,13 @@ def main():
     parser.add_argument("--train-subset", type=int, help="instead of the recipes' 20000")
     parser.add_argument("--seed", type=int, default=0, help="initialization and data order (the recipes': 0)")
     parser.add_argument("--budget-rule", choices=("exact", "paper"),
-                        help="the controller's rule (recipes: exact); paper rows carry ', paper rule' in their protocol")
+                        help="the controller's rule (recipes: exact); paper rows carry ', paper rule' in their "
+                             "protocol")
     parser.add_argument("--stream-channels", action="store_true",
                         help="also prune residual-stream channels (sss, binary-gate); rows carry ', stream'")
     parser.add_argument("--rewind", type=int,
-                        help="retrain by LR rewinding: the last --finetune-epochs of a schedule this many epochs long "
-                             "(the recipes' 10), instead of cosine fine-tuning from 0.01; rows say 'LR rewind N'")
+                        help="LR rewinding on the last --finetune-epochs of a schedule this many epochs long (the "
+                             "recipes': 10; rows say 'LR rewind N'); 0: cosine fine-tuning from 0.01 ('fine-tune')")
     parser.add_argument("--deadline", type=float,
                         help="target_epoch_fraction: reach the budget by this fraction of the epochs (recipes: 0.6)")
     args = parser.parse_args()
@@ -228,7 +235,8 @@ def main():
     paper = args.budget_rule == "paper"
     suffix = (f"-by{args.deadline}" if args.deadline else "") + (f"-seed{args.seed}" if args.seed else "") + \
         ("-paper" if paper else "") + ("-stream" if args.stream_channels else "") + \
-        (f"-rewind{args.rewind}" if args.rewind else "")
+        ({None: "", 0: "-cosine"}.get(args.rewind, f"-rewind{args.rewind}")) + \
+        (f"-ft{args.finetune_epochs}" if args.finetune_epochs else "")
     tag = (f", budget by {args.deadline:.0%}" if args.deadline else "") + (", paper rule" if paper else "") + \
         (", stream" if args.stream_channels else "")
     out = Path(args.out)
@@ -240,13 +248,13 @@ def main():
         for reduction in map(float, args.reductions.split(",")):
             for method in filter(None, args.methods.split(",")):
                 where = out / f"{method}-{reduction}{suffix}"
-                jobs.append((method, reduction, f"{retraining()}{tag}",
+                jobs.append((method, reduction, f"{retraining(method)}{tag}",
                              partial(prunekit_row, method, reduction, where, tag)))
                 if method in args.scratch.split(","):
                     jobs += [(method, reduction, f"scratch-{b}{tag}",
                               partial(scratch_row, method, reduction, b, where, tag)) for b in "EB"]
             for name in filter(None, args.torch_pruning.split(",")):
-                jobs.append((f"torch-pruning {name}", reduction, retraining(),
+                jobs.append((f"torch-pruning {name}", reduction, retraining("none"),
                              partial(torch_pruning_row, name, reduction, out / f"tp-{name}-{reduction}{suffix}")))
         for method, reduction, protocol, job in jobs:
             if any(r["method"] == method and r["reduction_target"] == reduction and r.get("seed", 0) == args.seed

@@ -346,7 +346,10 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, force: b
         prepare_run_dir(run_dir, config, resume=resume, force=force, is_main=ctx.is_main)
         parts = build_method(model, config, input_size(config))
         parts.callbacks.extend(budget + ([teacher] if teacher else []))
-        trainer = Trainer(model, parts.optimizers, make_policy(config), train_loader, eval_loaders,
+        # rewinding retrains given weights; a run from scratch starts its schedule at the beginning and keeps
+        # `rewind` in its config for retraining its exports (a recipe's retraining protocol)
+        policy = make_policy(config if initial_weights is not None else dataclasses.replace(config, rewind=None))
+        trainer = Trainer(model, parts.optimizers, policy, train_loader, eval_loaders,
                           epochs=config.epochs, run_dir=run_dir, callbacks=parts.callbacks, ctx=ctx,
                           amp=config.amp, channels_last=config.channels_last,
                           label_smoothing=config.label_smoothing, on_nan=config.on_nan, log=log,

@@ -185,6 +185,21 @@ def test_finetune_honours_epochs_and_lr_and_keeps_the_runs_data(tmp_path, tiny_f
     assert (rewound["schedule"], rewound["lr"], rewound["rewind"]) == ("constant", 0.2, 4)  # the original's shape
 
 
+def test_a_runs_retraining_protocol_carries_over_to_fine_tuning_its_export(tmp_path, tiny_fmnist):
+    """A recipe's `rewind`: its own run from scratch follows the schedule from the beginning (the same LRs as
+    without it); `prunekit finetune` of its export rewinds, for the run's fine-tune epochs, with no flags."""
+    common = [*TINY, "--data-dir", tiny_fmnist, "--method", "sss", "--target-macs", "0.6", "--schedule", "onecycle"]
+    assert run_cli("train", *common, "--out", tmp_path / "plain") == 0
+    assert run_cli("train", *common, "--rewind", "4", "--finetune-epochs", "3", "--out", tmp_path / "src") == 0
+    lrs = {name: [json.loads(line)["lr"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+           for name in ("plain", "src")}
+    assert lrs["src"] == lrs["plain"]
+    assert run_cli("compress", tmp_path / "src") == 0
+    assert run_cli("finetune", tmp_path / "src" / "compressed", "--batch-size", "32", "--out", tmp_path / "ft") == 0
+    record = json.loads((tmp_path / "ft" / "config.json").read_text())["config"]
+    assert (record["rewind"], record["epochs"], record["schedule"], record["lr"]) == (4, 3, "onecycle", 0.05)
+
+
 def test_report_names_a_damaged_metrics_line(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()

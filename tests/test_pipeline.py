@@ -80,7 +80,7 @@ def test_lr_rewinding_in_the_pipeline_is_for_fine_tuning_only():
     policy = make_policy(finetune_config(config))
     assert policy.lr_at(0) == pytest.approx(1e-5 + (0.1 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 0.1 / 0.7)))
     with pytest.raises(ConfigError, match="cannot hold a 10-epoch rewound run; give --rewind 10 or more"):
-        make_policy(make_config({"epochs": 10, "rewind": 5}))  # `train --epochs 10 --rewind 5`, before any step
+        make_policy(make_config({"epochs": 10, "rewind": 5}))  # `train --init RUN --epochs 10 --rewind 5`
 
 
 def test_a_fine_tuning_schedule_that_cannot_be_built_stops_the_run_before_the_dense_stage(tmp_path, capsys):

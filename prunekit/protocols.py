@@ -159,8 +159,8 @@ def multi_stage(config: Config, out: str | Path, *, resume: bool = False, force:
     summary, stage_config, weights = {}, config, None
     stages = zip(config.stage_penalties, config.stage_epochs, config.stage_lrs)
     for number, (penalty, epochs, lr) in enumerate(stages, start=1):
-        stage_config = dataclasses.replace(stage_config, penalty=penalty, epochs=int(epochs), lr=lr,
-                                           stage_penalties=[], stage_epochs=[], stage_lrs=[])
+        stage_config = dataclasses.replace(stage_config, penalty=penalty, epochs=int(epochs), lr=lr, rewind=None,
+                                           stage_penalties=[], stage_epochs=[], stage_lrs=[])  # each its own LR
         run_dir, version = out / f"stage-{number}", out / f"version-{number}"
         train(stage_config, run_dir, resume=resume, force=force, initial_weights=weights, log=log)
         card = compress_run(run_dir, version)

@@ -241,7 +241,7 @@ def test_every_option_of_every_subcommand_has_help_its_default_and_its_choices()
     assert "--lr LR peak learning rate, at most 1000 (default: 0.1)" in train
     # `run` shows the main job's defaults, `finetune` its --epochs and --lr as the fine-tuning's
     run = " ".join(commands["run"].format_help().split())
-    assert "--epochs EPOCHS training epochs (default: 5)" in run and "(default: 0.5)" in run
+    assert "--epochs EPOCHS training epochs (default: 4)" in run and "(default: 0.5)" in run
     finetune = " ".join(commands["finetune"].format_help().split())
     assert "--epochs EPOCHS training epochs (default: 5)" in finetune and "(default: 0.01)" in finetune
 

@@ -157,6 +157,14 @@ def _chunks(model: nn.Module, ranked: list, round_to: int, score) -> list[list]:
     return sorted(units, key=lambda unit: sum(map(score, unit)) / len(unit))
 
 
+def _block_of_channel_groups(model: nn.Module) -> dict:
+    """Channel group name -> the (stage, block) of the gated residual block holding it: removing the
+    block removes the group, so once the block is chosen its channels cost nothing more."""
+    owner = {id(m): (s, b) for s, b, block in getattr(model, "residual_blocks", lambda: [])()
+             if isinstance(getattr(block, "gate", None), (ScaleGate, BinaryGate)) for m in block.modules()}
+    return {g.name: owner[id(g.bn)] for g in model.channel_groups() if id(g.bn) in owner}
+
+
 def _revive_rounded(model: nn.Module, chosen: list, value, round_to: int) -> list:
     """`chosen` less, in each channel group, the highest-|factor| channels that compression with
     `round_to` would keep anyway: they stay alive and train, and the projected cost is unchanged."""
@@ -312,18 +320,29 @@ class BudgetController(Callback):
         if high and cost < self.target - self.margin * self.dense:  # its last structure overshoots
             best = (cost, chosen)  # the cheapest overshoot: the nearest the target from below
             chosen, cost = prefix(high - 1), cost_of(prefix(high - 1))
-            for candidate in units[high:high + self.tail]:
+            inside = _block_of_channel_groups(model)
+            gone, tried = {c[1] for c in chosen if c[0] == "block"}, 0
+            for candidate in units[high:]:
+                if all(inside.get(c[1]) in gone for c in candidate):  # channels of a removed block: no cost
+                    chosen += candidate
+                    continue
+                if tried == self.tail:
+                    break
+                tried += 1
                 trial = cost_of(chosen + candidate)
                 if trial < self.target - self.margin * self.dense:
                     if best[0] < trial <= self.target:
                         best = (trial, chosen + candidate)
                     continue  # removing it would overshoot the target: it stays
                 chosen += candidate
+                gone.update(c[1] for c in candidate if c[0] == "block")
                 cost = trial
                 if cost <= self.target:
                     break
-            if cost > self.target and self.round_to > 1:  # rounded units too coarse for the margin:
-                cost, chosen = best  # the nearest overshoot, so that the target is still met
+            # the tail did not reach the target: rounded, take the nearest overshoot so that the target is met;
+            # otherwise whichever is nearer the target, that overshoot or what is left above it
+            if cost > self.target and (self.round_to > 1 or self.target - best[0] < cost - self.target):
+                cost, chosen = best
         if self.round_to > 1 and self.rule == "exact":  # `paper`: what the rule killed stays dead
             chosen = _revive_rounded(model, chosen, value, self.round_to)
         self._fix(model, [(t, i) for _, _, i, t in chosen])

@@ -12,7 +12,7 @@ Latency: batch 64, 1×28×28, dense and pruned interleaved in one process, media
 
     python bench/study.py --out runs/study --methods sss,ista-bn --reductions 0.3,0.5,0.7 \
         [--scratch sss] [--torch-pruning bn-scale,group-norm] [--seed 1] [--deadline 0.2] [--budget-rule paper] \
-        [--stream-channels] [--rewind 0] [--finetune-epochs 10]
+        [--stream-channels] [--rewind 0] [--finetune-epochs 10] [--budget-freeze deadline]
 
 Rows are appended to OUT/rows.jsonl as they finish; a row already there (same seed and deadline) is not run again.
 With several seeds of a row, the table is followed by their mean and range.
@@ -228,17 +228,22 @@ def main():
                              "recipes': 10; rows say 'LR rewind N'); 0: cosine fine-tuning from 0.01 ('fine-tune')")
     parser.add_argument("--deadline", type=float,
                         help="target_epoch_fraction: reach the budget by this fraction of the epochs (recipes: 0.6)")
+    parser.add_argument("--budget-freeze", choices=("target", "deadline"),
+                        help="freeze the dead set once the target is met (recipes) or only at the deadline; "
+                             "deadline rows carry ', frozen at deadline'")
     args = parser.parse_args()
     OVERRIDES.update(epochs=args.epochs, finetune_epochs=args.finetune_epochs, train_subset=args.train_subset,
                      seed=args.seed, target_epoch_fraction=args.deadline, budget_rule=args.budget_rule,
-                     stream_channels=args.stream_channels or None, rewind=args.rewind)
+                     stream_channels=args.stream_channels or None, rewind=args.rewind,
+                     budget_freeze=args.budget_freeze)
     paper = args.budget_rule == "paper"
     suffix = (f"-by{args.deadline}" if args.deadline else "") + (f"-seed{args.seed}" if args.seed else "") + \
         ("-paper" if paper else "") + ("-stream" if args.stream_channels else "") + \
+        ("-deadline" if args.budget_freeze == "deadline" else "") + \
         ({None: "", 0: "-cosine"}.get(args.rewind, f"-rewind{args.rewind}")) + \
         (f"-ft{args.finetune_epochs}" if args.finetune_epochs else "")
     tag = (f", budget by {args.deadline:.0%}" if args.deadline else "") + (", paper rule" if paper else "") + \
-        (", stream" if args.stream_channels else "")
+        (", stream" if args.stream_channels else "") + (", frozen at deadline" if args.budget_freeze == "deadline" else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_file = out / "rows.jsonl"

@@ -11,7 +11,10 @@ deadline, the dead set is chosen exactly: structures are ranked by |factor| / co
 that order, skipping any whose removal would overshoot the target by more than the margin, until the
 target is met; they are zeroed and every other structure is kept alive (revived at a small value if
 it had reached zero). From then on the dead set is frozen (re-zeroed after every step), the penalty
-is 0, and the remaining structures keep training.
+is 0, and the remaining structures keep training. With `budget_freeze="deadline"` (ours) meeting the
+target does not freeze: the penalty keeps following the ramp (falling while p is below it, so that
+structures the proximal step zeroed can come back) and the dead set is chosen at the deadline, from
+factors that trained longer than the first epoch in which an aggressive penalty met the target.
 
 That is `budget_rule="exact"`. With `"paper"` the controller steers only the paper's own knob (γ for
 SSS and binary gates, ρ with Ye's per-layer c_l for ISTA, ε for ε-ResNet): every structure shares
@@ -186,8 +189,10 @@ class BudgetController(Callback):
 
     def __init__(self, spec, method: str, input_hw, target: int, metric: str, reach_fraction: float,
                  penalty: float, check_every: int = 20, gain: float = 8.0, margin: float = 0.005,
-                 bound: float = 100.0, rule: str = "exact", tail: int = 64, round_to: int = 1):
+                 bound: float = 100.0, rule: str = "exact", tail: int = 64, round_to: int = 1,
+                 freeze_at: str = "target"):
         self.spec, self.method, self.input_hw, self.rule, self.tail = spec, method, input_hw, rule, tail
+        self.freeze_at = freeze_at
         self.round_to = round_to
         self.target, self.metric, self.reach_fraction = target, metric, reach_fraction
         self.penalty, self.check_every, self.gain, self.margin = penalty, check_every, gain, margin
@@ -241,7 +246,8 @@ class BudgetController(Callback):
             return
         t = (trainer.epoch + (trainer.step_in_epoch + 1) / steps) / trainer.epochs
         self.projected = self._project(trainer.model)
-        if self.projected <= self.target + self.margin * self.dense or t >= self.reach_fraction:
+        reached = self.projected <= self.target + self.margin * self.dense and self.freeze_at == "target"
+        if reached or t >= self.reach_fraction:
             self.freeze(trainer)
             return
         ramp = 1 - (1 - self.target / self.dense) * min(t / self.reach_fraction, 1.0)
@@ -403,8 +409,9 @@ class EpsilonBudget(Callback):
     """
 
     def __init__(self, spec, input_hw, target: int, metric: str, reach_fraction: float, gain: float = 4.0,
-                 rule: str = "exact"):
+                 rule: str = "exact", freeze_at: str = "target"):
         self.spec, self.input_hw, self.target, self.metric, self.rule = spec, input_hw, target, metric, rule
+        self.freeze_at = freeze_at
         self.reach_fraction, self.gain = reach_fraction, gain
         self.dense = getattr(spec_cost(spec, input_hw), metric)
         self.scale, self.frozen_epsilons = 1.0, None
@@ -455,7 +462,7 @@ class EpsilonBudget(Callback):
         gates, positions = self._gated_blocks(model)
         now = self._cost(model, [p for g, p in zip(gates, positions) if float(g.is_discarded) == 1.0])
         t = (epoch + 1) / trainer.epochs
-        if now <= self.target or t >= self.reach_fraction:
+        if (now <= self.target and self.freeze_at == "target") or t >= self.reach_fraction:
             self._freeze(model)
             return
         ramp = 1 - (1 - self.target / self.dense) * min(t / self.reach_fraction, 1.0)
@@ -513,8 +520,10 @@ def budget_callbacks(model, spec, config, input_size) -> list[Callback]:
         return [SlimmingPrune(lambda model: slimming_percent_for_target(model, spec, input_hw, target, metric,
                                                                         config.round_to))]
     if config.method == "epsilon-resnet":
-        return [EpsilonBudget(spec, input_hw, target, metric, config.target_epoch_fraction, rule=config.budget_rule)]
+        return [EpsilonBudget(spec, input_hw, target, metric, config.target_epoch_fraction, rule=config.budget_rule,
+                              freeze_at=config.budget_freeze)]
     from .methods import penalty_of
 
     return [BudgetController(spec, config.method, input_hw, target, metric, config.target_epoch_fraction,
-                             penalty_of(config), rule=config.budget_rule, round_to=config.round_to)]
+                             penalty_of(config), rule=config.budget_rule, round_to=config.round_to,
+                             freeze_at=config.budget_freeze)]

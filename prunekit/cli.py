@@ -94,6 +94,8 @@ OPTION_HELP = {
     "budget_rule": "with a target: exact (penalty per structure ∝ its cost, the freeze ranks |factor|/cost) or "
                    "paper (only the paper's knob is steered: γ, ρ with Ye's c_l, ε; what dies is the paper's rule, "
                    "a final freeze ranks by |factor|)",
+    "budget_freeze": "with a target: freeze the dead set as soon as the target is met (target) or keep steering the "
+                     "penalty along its ramp, structures free to come back, until --target-epoch-fraction (deadline)",
     "round_to": "kept widths are multiples of N (or the full width); the budget counts the rounded widths",
     "stream_channels": "also prune residual-stream channels (one factor per channel, shared by every block of its "
                        "stretch of the stream and by zero-pad shortcuts; post-activation ResNets; sss, binary-gate, "

@@ -84,6 +84,7 @@ class Config:
     target_params: float | None = None
     target_epoch_fraction: float = 0.6
     budget_rule: str = "exact"
+    budget_freeze: str = "target"  # freeze the dead set once the target is met, or only at the deadline
     # kept widths are multiples of round_to (or the full width). 1: bench/round_to.py found 8 only 3-9%
     # faster on the CPU at batch 64 (FM-R20 at half the MACs, under load), 4 and 16 no faster; see bench/README.md
     round_to: int = 1
@@ -102,7 +103,7 @@ SSS_STRUCTURES = ("channels", "blocks", "groups")
 METHODS = ("none", "sss", "binary-gate", "ista-bn", "slimming", "epsilon-resnet")  # = prunekit.methods.METHODS
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "digits", "imagenet")  # = prunekit.data's
 CHOICES = {"schedule": SCHEDULES, "on_nan": ("stop", "skip"), "discard_rule": ("average", "weights", "majority"),
-           "budget_rule": ("exact", "paper"), "method": METHODS, "data": DATASETS}
+           "budget_rule": ("exact", "paper"), "budget_freeze": ("target", "deadline"), "method": METHODS, "data": DATASETS}
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,2})?")
 
 MAX_EPOCHS = 100_000

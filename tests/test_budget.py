@@ -88,6 +88,28 @@ def test_controller_reaches_half_the_macs_and_freezes(tmp_path, method, options)
         assert sum(history[-1]["alive_stream"]) < sum(sg.width for sg in trainer.model.stream_groups())
 
 
+@pytest.mark.parametrize("method", ["sss", "epsilon-resnet"])
+def test_freeze_held_to_the_deadline_waits_for_it_and_still_lands_on_the_target(tmp_path, method):
+    """`budget_freeze: deadline`: the target met early (SSS in epoch 2, where the default freezes) does not
+    freeze; the dead set is chosen in the epoch where 60% of the training has passed (epoch 3 of 4), then
+    stays fixed; SSS lands within 2% of half the MACs."""
+    options = {"method": method, "target_macs": 0.5, "budget_freeze": "deadline"}
+    options.update(penalty=0.05) if method == "sss" else options.update(epsilon=2.0)
+    trainer = tiny_setup(tmp_path, epochs=4, **options)
+    config = make_config(options)
+    (controller,) = budget_callbacks(trainer.model, trainer.model.spec, config, (1, 8, 8))
+    controller.check_every = 1
+    trainer.callbacks.append(controller)
+    history = trainer.fit()
+    assert [h["budget_frozen"] for h in history] == [False, False, True, True]
+    if method == "sss":
+        dense = spec_cost(trainer.model.spec, (8, 8)).macs
+        assert history[1]["projected_macs"] < 0.5 * dense and history[1]["penalty"] > 0, "met early, not frozen"
+        final = projected_spec(trainer.model, trainer.model.spec, dead_structures(trainer.model, method))
+        assert abs(spec_cost(final, (8, 8)).macs / dense - 0.5) <= 0.02
+        assert history[2]["dead_channels"] == history[3]["dead_channels"]
+
+
 def test_impossible_target_is_refused_up_front(tmp_path):
     trainer = tiny_setup(tmp_path, "sss", epochs=1)
     spec = trainer.model.spec

@@ -264,7 +264,9 @@ class BudgetController(Callback):
         The factors are read from the device once. The cost of removing a ranked prefix only falls as
         the prefix grows, so the shortest prefix that meets the target is found by bisection; if its
         last structure overshoots by more than the margin, it stays and up to `tail` later ones that
-        fit are taken instead (ResNet-50: about 20 cost projections instead of one per channel)."""
+        fit are taken instead (ResNet-50: about 20 cost projections instead of one per channel); channels
+        of a block already taken are free and not counted. If the tail ends above the target, the nearer
+        of that and the overshoot is kept (with `round_to`, the overshoot: rounded freezes meet the target)."""
         model = trainer.model
         structures = list(_structures(model))
         tensors = list({id(t): t for *_, t in structures}.values())

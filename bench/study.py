@@ -243,7 +243,8 @@ def main():
         ({None: "", 0: "-cosine"}.get(args.rewind, f"-rewind{args.rewind}")) + \
         (f"-ft{args.finetune_epochs}" if args.finetune_epochs else "")
     tag = (f", budget by {args.deadline:.0%}" if args.deadline else "") + (", paper rule" if paper else "") + \
-        (", stream" if args.stream_channels else "") + (", frozen at deadline" if args.budget_freeze == "deadline" else "")
+        (", stream" if args.stream_channels else "") + \
+        (", frozen at deadline" if args.budget_freeze == "deadline" else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_file = out / "rows.jsonl"

@@ -103,7 +103,8 @@ SSS_STRUCTURES = ("channels", "blocks", "groups")
 METHODS = ("none", "sss", "binary-gate", "ista-bn", "slimming", "epsilon-resnet")  # = prunekit.methods.METHODS
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "digits", "imagenet")  # = prunekit.data's
 CHOICES = {"schedule": SCHEDULES, "on_nan": ("stop", "skip"), "discard_rule": ("average", "weights", "majority"),
-           "budget_rule": ("exact", "paper"), "budget_freeze": ("target", "deadline"), "method": METHODS, "data": DATASETS}
+           "budget_rule": ("exact", "paper"), "budget_freeze": ("target", "deadline"), "method": METHODS,
+           "data": DATASETS}
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,2})?")
 
 MAX_EPOCHS = 100_000

@@ -187,7 +187,7 @@ def test_paper_rule_keeps_yes_cost_weights_and_what_the_rule_killed(tmp_path, ru
 @pytest.mark.parametrize("method, stop_at, options", [
     ("sss", 3, {}), ("ista-bn", 1, {}), ("ista-bn", 3, {}), ("binary-gate", 3, {}),
     ("sss", 3, {"stream_channels": True}), ("ista-bn", 3, {"round_to": 4}),
-    ("binary-gate", 3, {"stream_channels": True, "round_to": 4})])
+    ("binary-gate", 3, {"stream_channels": True, "round_to": 4}), ("sss", 2, {"budget_freeze": "deadline"})])
 def test_budgeted_run_resumed_before_or_after_its_freeze_ends_with_identical_weights(tmp_path, method, stop_at,
                                                                                     options):
     """The optimizer groups' budget weights and the freeze's masks and floors come back from the

@@ -1,5 +1,5 @@
 """GPU figures (issue: gpu): training throughput per method and precision, the JPEG pipeline against random
-tensors, ResNet-50's budget freeze and compression, and dense vs compressed ResNet-50 latency.
+tensors, ResNet-50's budget freeze and compression, and dense vs compressed ResNet-50 and FM-R20 latency.
 
     python bench/gpu.py [--device cuda] [--jpegs DIR] [--smoke]
 
@@ -21,6 +21,7 @@ from prunekit.compress import compress
 from prunekit.config import make_config
 from prunekit.methods import METHODS, build_method, dead_structures, gate_config, side_head_position
 from prunekit.models import build, zoo_spec
+from round_to import INPUT, compressed_at_half
 
 
 def sync(device):
@@ -109,12 +110,13 @@ def jpeg_images_per_s(folder: str, device, *, batch: int, steps: int) -> tuple[f
     return timed(loader), timed(random)
 
 
-def latency_ms(model, batch: int, device, size: int) -> float:
-    """Median eval latency (ms) of `model` at `batch`, bf16 channels_last; CUDA-graph replay on a GPU."""
+def latency_ms(model, batch: int, device, shape: tuple[int, int, int]) -> float:
+    """Median eval latency (ms) of `model` on `batch` inputs of `shape`, bf16 channels_last; CUDA-graph replay on a
+    GPU."""
     from torch.utils import benchmark
 
     model = model.to(device).eval().to(memory_format=torch.channels_last)
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, *shape, device=device).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
         if device.type == "cuda":
             stream = torch.cuda.Stream()
@@ -158,29 +160,44 @@ def main():
         fed, random = jpeg_images_per_s(args.jpegs, device, batch=min(batch, 128), steps=steps)
         print(f"| ResNet-50 224² on the JPEG folder, default loader | {fed:,.0f} images/s "
               f"({fed / random:.0%} of the {random:,.0f} on random tensors) |")
+    fm_batches = (1, 8) if args.smoke else (64, 1024)
+    fm_dense = {b: latency_ms(build(zoo_spec("resnet20", in_channels=1)), b, device, INPUT) for b in fm_batches}
+    for round_to in (1, 8):
+        _, fm_small, _ = compressed_at_half(round_to)
+        for b in fm_batches:
+            c = latency_ms(fm_small, b, device, INPUT)
+            print(f"| FM-R20 latency batch {b}, dense vs half-MACs SSS channels, round_to {round_to} | "
+                  f"{fm_dense[b]:.3f} vs {c:.3f} ms ({fm_dense[b] / c:.2f}×) |")
     spec = zoo_spec("resnet50", num_classes=1000)
-    for structures in ("channels", "channels+blocks"):
+    r50_batches = (1, 2) if args.smoke else (1, 64, 256)
+    r50_dense = {b: latency_ms(build(spec), b, device, (3, r50, r50)) for b in r50_batches}
+    for structures, round_to in (("channels", 1), ("channels", 8), ("channels+blocks", 1), ("channels+blocks", 8)):
         config = make_config({"method": "sss", "sss_structures": structures})
         torch.manual_seed(0)
         model = build(spec, gate_config("sss", config)).to(device)
+        with torch.no_grad():  # ranked factors (as after training), none at zero: the freeze picks by rank
+            for p in (m.weight for m in model.modules() if hasattr(m, "multiplier")):
+                p.copy_(torch.rand_like(p) + 0.05)
         from types import SimpleNamespace
 
         trainer = SimpleNamespace(model=model, optimizers=build_method(model, config, (3, r50, r50)).optimizers)
-        controller = BudgetController(spec, "sss", (r50, r50), 0, "macs", 0.6, 0.01)
+        controller = BudgetController(spec, "sss", (r50, r50), 0, "macs", 0.6, 0.01, round_to=round_to)
         controller.target = controller.dense // 2
         start = time.perf_counter()
         controller.freeze(trainer)
         sync(device)
         freeze_s = time.perf_counter() - start
         start = time.perf_counter()
-        small = compress(model, spec, dead_structures(model, "sss")).model
+        small = compress(model, spec, dead_structures(model, "sss"), round_to=round_to).model
         compress_s = time.perf_counter() - start
-        print(f"| ResNet-50 budget freeze at half the MACs ({structures}) | {freeze_s:.2f} s |")
-        print(f"| compress ResNet-50 ({structures}) | {compress_s:.2f} s |")
-        for b in ((1, 2) if args.smoke else (1, 64, 256)):
-            d, c = latency_ms(build(spec), b, device, r50), latency_ms(small, b, device, r50)
-            print(f"| ResNet-50 latency batch {b}, dense vs half-MACs {structures} | {d:.2f} vs {c:.2f} ms "
-                  f"({d / c:.2f}×) |")
+        label = f"{structures}, round_to {round_to}"
+        print(f"| ResNet-50 budget freeze at half the MACs ({label}) | {freeze_s:.2f} s, "
+              f"{controller.projected / controller.dense:.3f} of the dense MACs |")
+        print(f"| compress ResNet-50 ({label}) | {compress_s:.2f} s |")
+        for b in r50_batches:
+            c = latency_ms(small, b, device, (3, r50, r50))
+            print(f"| ResNet-50 latency batch {b}, dense vs half-MACs {label} | {r50_dense[b]:.2f} vs {c:.2f} ms "
+                  f"({r50_dense[b] / c:.2f}×) |")
 
 
 if __name__ == "__main__":

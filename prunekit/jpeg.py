@@ -40,8 +40,10 @@ class EncodedImages(torch.utils.data.Dataset):
 
 
 def _collate(batch):
+    """The batch's file bytes packed into one tensor, with their lengths: a worker hands the main process one
+    shared-memory segment per batch, not one per image (`read_file`'s tensors fail to share: EBADF)."""
     data, labels, indices = zip(*batch)
-    return list(data), torch.tensor(labels), list(indices)
+    return torch.cat(data), torch.tensor([len(d) for d in data]), torch.tensor(labels), list(indices)
 
 
 def random_resized_crop_box(height: int, width: int, generator: torch.Generator,
@@ -150,6 +152,6 @@ class DeviceJpegLoader(ImageFolderLoader):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch, (data, labels, indices) in enumerate(self._loader):
-            images = self._decode(data, indices)
+        for batch, (packed, lengths, labels, indices) in enumerate(self._loader):
+            images = self._decode(list(packed.split(lengths.tolist())), indices)
             yield self._crop(images, batch), labels.to(self.device, non_blocking=True)

@@ -69,3 +69,16 @@ def test_the_device_loader_draws_the_same_subset_as_the_pil_loader(jpeg_folder):
     pil = ImageFolderLoader(jpeg_folder, "train", 4, train=True, num_workers=0, subset=5, seed=7)
     assert device.dataset.samples == [pil.dataset.dataset.samples[i] for i in pil.dataset.indices]
     assert device.num_classes == pil.num_classes == 3
+
+
+def test_loader_workers_hand_over_the_same_batches_as_the_main_process(jpeg_folder):
+    """Workers pass each batch's file bytes packed in one tensor: `read_file`'s own tensors could not be
+    shared with the main process (EBADF in the workers, a loader waiting for ever)."""
+    def batches(workers):
+        loader = DeviceJpegLoader(jpeg_folder, "val", 4, train=False, num_workers=workers, size=8)
+        return [(x, y) for x, y in loader]
+
+    alone, workers = batches(0), batches(2)
+    assert len(alone) == len(workers) == 4
+    for (xa, ya), (xw, yw) in zip(alone, workers):
+        assert torch.equal(xa, xw) and torch.equal(ya, yw)

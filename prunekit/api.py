@@ -20,7 +20,7 @@ from torch import nn
 
 from .budget import budget_callbacks
 from .compress import CompressionError, compress, relative_logit_difference
-from .config import make_config
+from .config import make_config, with_round_to
 from .methods import build_method, dead_structures, gate_config, side_head_position, zero_gammas
 from .models import build
 from .models.imports import torchvision_spec
@@ -41,6 +41,7 @@ class Sparsifier:
                  target_params: float | None = None, **options):
         self.config = make_config({"method": method, "epochs": epochs, "lr": lr, "target_macs": target_macs,
                                    "target_params": target_params, **options}, "Sparsifier")
+        self.config = with_round_to(self.config, next(model.parameters()).device.type)
         self.spec: Spec = model.spec if hasattr(model, "spec") else torchvision_spec(model)
         side = side_head_position(self.spec) if method == "epsilon-resnet" else None
         with torch.random.fork_rng(devices=[]):  # what the user's weights leave (a side head) as `prunekit train`

@@ -32,7 +32,7 @@ from torch import nn
 
 from . import spec as specs
 from .compress import host_rows, kept_channels, pruned_spec, rounded_width
-from .config import ConfigError
+from .config import ConfigError, with_round_to
 from .engine import Callback
 from .gates import BinaryGate, EpsilonGate, ScaleGate
 from .measure import spec_cost
@@ -499,9 +499,11 @@ def slimming_percent_for_target(model, spec, input_hw, target: int, metric: str 
 
 
 def budget_callbacks(model, spec, config, input_size) -> list[Callback]:
-    """The budget controller a config asks for (none without a target); impossible targets are refused."""
+    """The budget controller a config asks for (none without a target); impossible targets are refused. Width
+    rounding left undecided is decided by the model's device (`with_round_to`)."""
     if config.target_macs is None and config.target_params is None:
         return []
+    config = with_round_to(config, next(model.parameters()).device.type)
     metric = "macs" if config.target_macs is not None else "params"
     value = config.target_macs if metric == "macs" else config.target_params
     input_hw = tuple(input_size[1:])

@@ -96,7 +96,8 @@ OPTION_HELP = {
                    "a final freeze ranks by |factor|)",
     "budget_freeze": "with a target: freeze the dead set as soon as the target is met (target) or keep steering the "
                      "penalty along its ramp, structures free to come back, until --target-epoch-fraction (deadline)",
-    "round_to": "kept widths are multiples of N (or the full width); the budget counts the rounded widths",
+    "round_to": "kept widths are multiples of N (or the full width); the budget counts the rounded widths "
+                "(default: 8 on a CUDA device, 1 elsewhere)",
     "stream_channels": "also prune residual-stream channels (one factor per channel, shared by every block of its "
                        "stretch of the stream and by zero-pad shortcuts; post-activation ResNets; sss, binary-gate, "
                        "ista-bn, slimming)",

@@ -541,7 +541,7 @@ def compress_run(path: str | Path, out: str | Path | None = None, *, method: str
     run's test data (when it can be read), export, and return its card. Refuses, with one line, a
     compression whose logits differ from the gated model's by more than `tolerance` (relative), and an
     `out` holding anything but an export of this run unless `force`."""
-    from .config import make_config
+    from .config import make_config, with_round_to
     from .measure import count_params, spec_cost
     from .runner import input_size, load_final, real_batch, recorded_config
 
@@ -552,6 +552,7 @@ def compress_run(path: str | Path, out: str | Path | None = None, *, method: str
     recorded = recorded_config(run) if (run / "config.json").exists() else {}
     config = make_config({**recorded, **{k: v for k, v in {"data": data, "data_dir": data_dir}.items() if v}},
                          str(run / "config.json"))
+    config = with_round_to(config, "cpu", recorded=1)  # a run from before round_to kept every alive channel
     method = method or config.method
     prune_percent = prune_percent if prune_percent is not None else config.prune_percent
     saved = run / "final" if (run / "final").is_dir() else run

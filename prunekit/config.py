@@ -8,7 +8,7 @@ import re
 import reprlib
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -85,9 +85,8 @@ class Config:
     target_epoch_fraction: float = 0.6
     budget_rule: str = "exact"
     budget_freeze: str = "target"  # freeze the dead set once the target is met, or only at the deadline
-    # kept widths are multiples of round_to (or the full width). 1: bench/round_to.py found 8 only 3-9%
-    # faster on the CPU at batch 64 (FM-R20 at half the MACs, under load), 4 and 16 no faster; see bench/README.md
-    round_to: int = 1
+    # kept widths are multiples of round_to (or the full width); None: decided when a run starts (with_round_to)
+    round_to: int | None = None
     stream_channels: bool = False  # also prune residual-stream channels (channel methods; post-activation ResNets)
     # pipeline and retraining
     sparse_epochs: int = 3
@@ -273,6 +272,15 @@ def make_config(values: dict, source: str = "config") -> Config:
         raise ConfigError(f"{source}: nesterov needs a momentum above 0; give --no-nesterov (nesterov: false) "
                           f"for plain SGD")
     return config
+
+
+def with_round_to(config: Config, device_type: str, recorded: int | None = None) -> Config:
+    """`config` with its width rounding decided: as given; else as the run being resumed recorded it; else 8 on a
+    CUDA device (an H100 ran half-MACs networks 1.1-1.6× faster with widths at multiples of 8 than without:
+    bench/README.md, "GPU figures") and 1 elsewhere (8 was 3-9% faster on this project's CPU, within its load)."""
+    if config.round_to is not None:
+        return config
+    return replace(config, round_to=recorded if recorded is not None else 8 if device_type == "cuda" else 1)
 
 
 def load_recipe(path: str | Path) -> dict:

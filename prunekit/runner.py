@@ -28,7 +28,7 @@ import torch
 from . import spec as specs
 from .budget import budget_callbacks
 from .checkpoint import atomic_write_json, load_weights, remove_partial_writes, save_weights
-from .config import Config, ConfigError, check_type, make_config
+from .config import Config, ConfigError, check_type, make_config, with_round_to
 from .data import DATASET_STATS, BatchLoader, DataError, dataset_info, load_dataset, make_loader, split_validation
 from .distributed import DistContext, init_distributed
 from .engine import Trainer
@@ -210,6 +210,15 @@ def recorded_config(run_dir: Path) -> dict:
     return data["config"]
 
 
+def resumed_round_to(run_dir: Path) -> int | None:
+    """The width rounding the run in `run_dir` recorded, so that it resumes with it on any device (None if
+    there is no readable record: `prepare_run_dir` says why)."""
+    try:
+        return recorded_config(run_dir).get("round_to") if (run_dir / "config.json").exists() else None
+    except RunDirError:
+        return None
+
+
 def source_config(path: str | Path) -> Config | None:
     """The configuration of the run a saved model came from: PATH's config.json, the run's holding a
     final/ or compressed/ folder, or the run an export's card.json names as its source; None where
@@ -317,6 +326,7 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, force: b
     check_device(config.device)
     ctx = init_distributed(config.device)
     run_dir = Path(run_dir)
+    config = with_round_to(config, ctx.device.type, resumed_round_to(run_dir) if resume else None)
     torch.manual_seed(config.seed)
     spec = spec or model_spec(config)
     if config.stream_channels and not (isinstance(spec, specs.ResNetSpec) and not spec.preact):

@@ -319,6 +319,27 @@ def test_a_run_with_round_to_meets_its_target_with_multiples(tiny_fmnist, tmp_pa
     assert 0.45 <= card["macs_ratio"] <= 0.5 and card["max_logit_difference"] <= 1e-4
 
 
+
+def test_round_to_left_out_is_decided_by_the_device_recorded_and_kept_on_resume(tiny_fmnist, tmp_path):
+    """No round_to: 8 on a CUDA device, 1 elsewhere, recorded in the run's config. A run resumed on another
+    device keeps what it recorded: one recorded with 4 resumes on the CPU with round_to left out."""
+    from prunekit.config import make_config, with_round_to
+    from prunekit.runner import recorded_config, train
+
+    values = {"model": "resnet20", "data": "fashion-mnist", "data_dir": str(tiny_fmnist), "batch_size": 32,
+              "epochs": 1, "device": "cpu", "num_workers": 0, "method": "sss", "target_macs": 0.5}
+    config = make_config(values)
+    assert config.round_to is None
+    assert with_round_to(config, "cuda").round_to == 8 and with_round_to(config, "cpu").round_to == 1
+    assert with_round_to(config, "cpu", recorded=4).round_to == 4
+    assert with_round_to(make_config({"round_to": 2}), "cuda", recorded=4).round_to == 2
+    train(config, tmp_path / "cpu", log=lambda message: None)
+    assert recorded_config(tmp_path / "cpu")["round_to"] == 1
+    train(make_config({**values, "round_to": 4}), tmp_path / "moved", log=lambda message: None)
+    train(config, tmp_path / "moved", resume=True, log=lambda message: None)  # refused if it decided 1 here
+    assert recorded_config(tmp_path / "moved")["round_to"] == 4
+
+
 # --- residual-stream channels ----------------------------------------------------------------------
 
 

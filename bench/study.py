@@ -12,7 +12,7 @@ Latency: batch 64, 1×28×28, dense and pruned interleaved in one process, media
 
     python bench/study.py --out runs/study --methods sss,ista-bn --reductions 0.3,0.5,0.7 \
         [--scratch sss] [--torch-pruning bn-scale,group-norm] [--seed 1] [--deadline 0.2] [--budget-rule paper] \
-        [--stream-channels] [--rewind 0] [--finetune-epochs 10] [--budget-freeze deadline]
+        [--stream-channels] [--rewind 0] [--finetune-epochs 10] [--budget-freeze deadline] [--from-dense 5]
 
 Rows are appended to OUT/rows.jsonl as they finish; a row already there (same seed and deadline) is not run again.
 With several seeds of a row, the table is followed by their mean and range.
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from prunekit.checkpoint import load_weights
 from prunekit.compress import CompressionError, compress_run
 from prunekit.config import resolve
 from prunekit.distributed import DistContext, pick_device
@@ -75,10 +76,29 @@ def latency_speedup(model: torch.nn.Module, size: tuple[int, ...], rounds: int =
     return statistics.median(pruned_ms), statistics.median(ratios)
 
 
-def prunekit_row(method: str, reduction: float, out: Path, tag: str = "") -> dict:
+def dense_start(epochs: int, out: Path) -> tuple[dict, float]:
+    """(weights, test accuracy) of the recipes' dense ResNet-20 trained `epochs` epochs on its own one-cycle, in
+    OUT/dense-EPOCHS[-seedS]: trained once per seed and shared by the rows that start from it."""
+    config = protocol("none", epochs=epochs, rewind=None)
+    where = out / f"dense-{epochs}" if not config.seed else out / f"dense-{epochs}-seed{config.seed}"
+    if not (where / "final" / "model.safetensors").exists():
+        train(config, where, force=True)
+    accuracy = json.loads((where / "metrics.jsonl").read_text().splitlines()[-1])["test_acc"]
+    return load_weights(where / "final" / "model.safetensors"), accuracy
+
+
+def prunekit_row(method: str, reduction: float, out: Path, tag: str = "", dense_epochs: int = 0) -> dict:
+    """Sparse training to the budget, compression and retraining. With `dense_epochs`, sparse training starts
+    from the dense weights of `dense_start` and takes that many epochs fewer, on its own one-cycle, so that
+    dense + sparse + retraining epochs equal the row from scratch."""
     config = protocol(method, target_macs=round(1 - reduction, 4))
     start = time.perf_counter()
-    sparse = train(config, out / "sparse", force=True)
+    if dense_epochs:
+        weights, dense_acc = dense_start(dense_epochs, out.parent)
+        sparse = train(dataclasses.replace(config, epochs=config.epochs - dense_epochs, rewind=None),
+                       out / "sparse", force=True, initial_weights=weights)
+    else:
+        sparse = train(config, out / "sparse", force=True)
     try:
         card = compress_run(out / "sparse", out / "compressed")
     except CompressionError as exc:  # e.g. a penalty that killed everything: a row that says so
@@ -94,7 +114,8 @@ def prunekit_row(method: str, reduction: float, out: Path, tag: str = "") -> dic
             "reduction": 1 - card["macs_after"] / card["macs_before"], "sparse_acc": sparse["history"][-1]["test_acc"],
             "compressed_acc": compressed_acc, "final_acc": tuned["history"][-1]["test_acc"],
             "params": card["params_after"], "macs": card["macs_after"], "latency_ms_b64": ms, "speedup_b64": speedup,
-            "max_logit_difference": card["max_logit_difference"], "minutes": (time.perf_counter() - start) / 60}
+            "max_logit_difference": card["max_logit_difference"], "minutes": (time.perf_counter() - start) / 60,
+            **({"dense_start_acc": dense_acc} if dense_epochs else {})}
 
 
 def scratch_row(method: str, reduction: float, budget: str, out: Path, tag: str = "") -> dict:
@@ -228,6 +249,9 @@ def main():
                              "recipes': 10; rows say 'LR rewind N'); 0: cosine fine-tuning from 0.01 ('fine-tune')")
     parser.add_argument("--deadline", type=float,
                         help="target_epoch_fraction: reach the budget by this fraction of the epochs (recipes: 0.6)")
+    parser.add_argument("--from-dense", type=int, default=0, metavar="D",
+                        help="sparse training starts from a dense run of D epochs (shared by the rows of a seed) "
+                             "and lasts D epochs fewer than --epochs; rows carry ', from dense D'")
     parser.add_argument("--budget-freeze", choices=("target", "deadline"),
                         help="freeze the dead set once the target is met (recipes) or only at the deadline; "
                              "deadline rows carry ', frozen at deadline'")
@@ -240,11 +264,13 @@ def main():
     suffix = (f"-by{args.deadline}" if args.deadline else "") + (f"-seed{args.seed}" if args.seed else "") + \
         ("-paper" if paper else "") + ("-stream" if args.stream_channels else "") + \
         ("-deadline" if args.budget_freeze == "deadline" else "") + \
+        (f"-dense{args.from_dense}" if args.from_dense else "") + \
         ({None: "", 0: "-cosine"}.get(args.rewind, f"-rewind{args.rewind}")) + \
         (f"-ft{args.finetune_epochs}" if args.finetune_epochs else "")
     tag = (f", budget by {args.deadline:.0%}" if args.deadline else "") + (", paper rule" if paper else "") + \
         (", stream" if args.stream_channels else "") + \
-        (", frozen at deadline" if args.budget_freeze == "deadline" else "")
+        (", frozen at deadline" if args.budget_freeze == "deadline" else "") + \
+        (f", from dense {args.from_dense}" if args.from_dense else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_file = out / "rows.jsonl"
@@ -255,7 +281,7 @@ def main():
             for method in filter(None, args.methods.split(",")):
                 where = out / f"{method}-{reduction}{suffix}"
                 jobs.append((method, reduction, f"{retraining(method)}{tag}",
-                             partial(prunekit_row, method, reduction, where, tag)))
+                             partial(prunekit_row, method, reduction, where, tag, args.from_dense)))
                 if method in args.scratch.split(","):
                     jobs += [(method, reduction, f"scratch-{b}{tag}",
                               partial(scratch_row, method, reduction, b, where, tag)) for b in "EB"]

@@ -251,7 +251,7 @@ def main():
                         help="target_epoch_fraction: reach the budget by this fraction of the epochs (recipes: 0.6)")
     parser.add_argument("--from-dense", type=int, default=0, metavar="D",
                         help="sparse training starts from a dense run of D epochs (shared by the rows of a seed) "
-                             "and lasts D epochs fewer than --epochs; rows carry ', from dense D'")
+                             "and lasts D epochs fewer than --epochs; rows carry ', dense D + sparse E'")
     parser.add_argument("--budget-freeze", choices=("target", "deadline"),
                         help="freeze the dead set once the target is met (recipes) or only at the deadline; "
                              "deadline rows carry ', frozen at deadline'")
@@ -261,16 +261,19 @@ def main():
                      stream_channels=args.stream_channels or None, rewind=args.rewind,
                      budget_freeze=args.budget_freeze)
     paper = args.budget_rule == "paper"
+    total = protocol("none").epochs  # dense and sparse epochs of a --from-dense row together
+    if not 0 <= args.from_dense < total:
+        parser.error(f"--from-dense {args.from_dense}: leaves no sparse epoch of the {total} (--epochs)")
     suffix = (f"-by{args.deadline}" if args.deadline else "") + (f"-seed{args.seed}" if args.seed else "") + \
         ("-paper" if paper else "") + ("-stream" if args.stream_channels else "") + \
         ("-deadline" if args.budget_freeze == "deadline" else "") + \
-        (f"-dense{args.from_dense}" if args.from_dense else "") + \
+        (f"-dense{args.from_dense}-{total}" if args.from_dense else "") + \
         ({None: "", 0: "-cosine"}.get(args.rewind, f"-rewind{args.rewind}")) + \
         (f"-ft{args.finetune_epochs}" if args.finetune_epochs else "")
     tag = (f", budget by {args.deadline:.0%}" if args.deadline else "") + (", paper rule" if paper else "") + \
         (", stream" if args.stream_channels else "") + \
         (", frozen at deadline" if args.budget_freeze == "deadline" else "") + \
-        (f", from dense {args.from_dense}" if args.from_dense else "")
+        (f", dense {args.from_dense} + sparse {total - args.from_dense}" if args.from_dense else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_file = out / "rows.jsonl"
@@ -288,9 +291,9 @@ def main():
             for name in filter(None, args.torch_pruning.split(",")):
                 jobs.append((f"torch-pruning {name}", reduction, retraining("none"),
                              partial(torch_pruning_row, name, reduction, out / f"tp-{name}-{reduction}{suffix}")))
-        for method, reduction, protocol, job in jobs:
+        for method, reduction, label, job in jobs:
             if any(r["method"] == method and r["reduction_target"] == reduction and r.get("seed", 0) == args.seed
-                   and r["protocol"].split(" (")[0] == protocol for r in done):
+                   and r["protocol"].split(" (")[0] == label for r in done):
                 continue
             row = job()
             done.append(row)

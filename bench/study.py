@@ -248,7 +248,8 @@ def main():
                         help="LR rewinding on the last --finetune-epochs of a schedule this many epochs long (the "
                              "recipes': 10; rows say 'LR rewind N'); 0: cosine fine-tuning from 0.01 ('fine-tune')")
     parser.add_argument("--deadline", type=float,
-                        help="target_epoch_fraction: reach the budget by this fraction of the epochs (recipes: 0.6)")
+                        help="target_epoch_fraction: reach the budget by this fraction of the epochs (recipes: 0.6, "
+                             "fmnist-sss 0.2)")
     parser.add_argument("--from-dense", type=int, default=0, metavar="D",
                         help="sparse training starts from a dense run of D epochs (shared by the rows of a seed) "
                              "and lasts D epochs fewer than --epochs; rows carry ', dense D + sparse E'")

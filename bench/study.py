@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from prunekit.checkpoint import load_weights
 from prunekit.compress import CompressionError, compress_run
 from prunekit.config import resolve
 from prunekit.distributed import DistContext, pick_device
@@ -78,13 +77,12 @@ def latency_speedup(model: torch.nn.Module, size: tuple[int, ...], rounds: int =
 
 def dense_start(epochs: int, out: Path) -> tuple[dict, float]:
     """(weights, test accuracy) of the recipes' dense ResNet-20 trained `epochs` epochs on its own one-cycle, in
-    OUT/dense-EPOCHS[-seedS]: trained once per seed and shared by the rows that start from it."""
+    OUT/dense-EPOCHS[-seedS]: trained once per seed and shared by the rows that start from it (a finished run is
+    resumed with no epoch left; one of another configuration is refused, not reused)."""
     config = protocol("none", epochs=epochs, rewind=None)
     where = out / f"dense-{epochs}" if not config.seed else out / f"dense-{epochs}-seed{config.seed}"
-    if not (where / "final" / "model.safetensors").exists():
-        train(config, where, force=True)
-    accuracy = json.loads((where / "metrics.jsonl").read_text().splitlines()[-1])["test_acc"]
-    return load_weights(where / "final" / "model.safetensors"), accuracy
+    dense = train(config, where, resume=True)
+    return dense["model"].state_dict(), dense["history"][-1]["test_acc"]
 
 
 def prunekit_row(method: str, reduction: float, out: Path, tag: str = "", dense_epochs: int = 0) -> dict:

@@ -2,12 +2,13 @@
 fine-tuned; the same pruned spec trained from scratch (E and B); Torch-Pruning at the same budget.
 
 Protocol (issue "protocols"), read from recipes/fmnist-METHOD.yaml: ResNet-20 on Fashion-MNIST, first
-20k training images, full test set; sparse training 10 epochs from scratch (SGD Nesterov 0.9,
-one-cycle LR 0.1, wd 5e-4, batch 128, pad-2 crop + flip) with `target_macs = 1 - reduction`;
-compress; retrain 5 epochs by LR rewinding on the last 5 of the one-cycle (the recipes' `rewind: 10`), or with
---rewind 0 fine-tune them at LR 0.01 (cosine). Torch-Pruning trains the plain ResNet-20 for the
-same 10 epochs with its pruner's regularizer, prunes globally in small steps until the MACs reach the
-budget, then retrains alike.
+20k training images, full test set, SGD Nesterov 0.9, one-cycle LR 0.1, wd 5e-4, batch 128, pad-2 crop + flip.
+Sparse training from scratch with `target_macs = 1 - reduction` (SSS, binary gates, ISTA: 2 epochs; slimming,
+ε-ResNet: 10), compress, retrain by LR rewinding (SSS, binary gates, ISTA: a whole 20-epoch one-cycle; the others:
+5 epochs, the last 5 of the 10-epoch one) or, with --rewind 0, fine-tune at LR 0.01 (cosine). Torch-Pruning trains
+the plain ResNet-20 with its pruner's regularizer for the epochs of the SSS recipe, prunes globally in small
+steps until the MACs reach the budget, then retrains as that recipe does. --epochs, --finetune-epochs and
+--rewind set every row's.
 Latency: batch 64, 1×28×28, dense and pruned interleaved in one process, median of 3 rounds.
 
     python bench/study.py --out runs/study --methods sss,ista-bn --reductions 0.3,0.5,0.7 \
@@ -151,10 +152,12 @@ def fit(model, config, run_dir: Path, callbacks) -> list[dict]:
     return trainer.fit()
 
 
-def torch_pruning_row(pruner_name: str, reduction: float, out: Path) -> dict:
+def torch_pruning_row(pruner_name: str, reduction: float, out: Path, tag: str) -> dict:
     import torch_pruning as tp
 
-    config = protocol("none")
+    sss = protocol("sss")  # the epochs and retraining of the default method's rows, so that they compare at equal cost
+    config = dataclasses.replace(protocol("none"), epochs=sss.epochs, finetune_epochs=sss.finetune_epochs,
+                                 rewind=sss.rewind)
     size = input_size(config)
     torch.manual_seed(config.seed)
     model = build(model_spec(config))
@@ -173,7 +176,8 @@ def torch_pruning_row(pruner_name: str, reduction: float, out: Path) -> dict:
     tuned = fit(model, finetune_config(config), out / "finetune", [])
     ms, speedup = latency_speedup(model.cpu(), size)
     macs = count_macs(model, size)
-    return {"method": f"torch-pruning {pruner_name}", "protocol": retraining("none"), "reduction_target": reduction,
+    return {"method": f"torch-pruning {pruner_name}", "protocol": retraining("sss") + tag,
+            "reduction_target": reduction,
             "seed": config.seed,
             "reduction": 1 - macs / base, "sparse_acc": sparse[-1]["test_acc"],
             "compressed_acc": pruned_acc, "final_acc": tuned[-1]["test_acc"], "params": count_params(model),
@@ -233,21 +237,22 @@ def main():
     parser.add_argument("--scratch", default="", help="methods whose pruned spec is also trained scratch-E and -B")
     parser.add_argument("--torch-pruning", default="", help="bn-scale and/or group-norm (needs the 'bench' extra)")
     parser.add_argument("--table", action="store_true", help="only print the table of OUT/rows.jsonl")
-    parser.add_argument("--epochs", type=int, help="instead of the recipes' 10 (a smoke run: 1)")
-    parser.add_argument("--finetune-epochs", type=int, help="instead of the recipes' 5")
+    parser.add_argument("--epochs", type=int, help="sparse epochs instead of the recipes' (a smoke run: 1)")
+    parser.add_argument("--finetune-epochs", type=int, help="retraining epochs instead of the recipes'")
     parser.add_argument("--train-subset", type=int, help="instead of the recipes' 20000")
     parser.add_argument("--seed", type=int, default=0, help="initialization and data order (the recipes': 0)")
     parser.add_argument("--budget-rule", choices=("exact", "paper"),
                         help="the controller's rule (recipes: exact); paper rows carry ', paper rule' in their "
                              "protocol")
     parser.add_argument("--stream-channels", action="store_true",
-                        help="also prune residual-stream channels (sss, binary-gate); rows carry ', stream'")
+                        help="also prune residual-stream channels (sss, binary-gate, ista-bn, slimming); rows carry "
+                             "', stream'")
     parser.add_argument("--rewind", type=int,
                         help="LR rewinding on the last --finetune-epochs of a schedule this many epochs long (the "
-                             "recipes': 10; rows say 'LR rewind N'); 0: cosine fine-tuning from 0.01 ('fine-tune')")
+                             "recipes': 20 or 10; rows say 'LR rewind N'); 0: cosine fine-tuning from 0.01 ('fine-tune')")
     parser.add_argument("--deadline", type=float,
-                        help="target_epoch_fraction: reach the budget by this fraction of the epochs (recipes: 0.6, "
-                             "fmnist-sss 0.2)")
+                        help="target_epoch_fraction: reach the budget by this fraction of the epochs (recipes: 0.5 for "
+                             "sss, binary-gate and ista-bn, else 0.6)")
     parser.add_argument("--from-dense", type=int, default=0, metavar="D",
                         help="sparse training starts from a dense run of D epochs (shared by the rows of a seed) "
                              "and lasts D epochs fewer than --epochs; rows carry ', dense D + sparse E'")
@@ -268,11 +273,13 @@ def main():
         ("-deadline" if args.budget_freeze == "deadline" else "") + \
         (f"-dense{args.from_dense}-{total}" if args.from_dense else "") + \
         ({None: "", 0: "-cosine"}.get(args.rewind, f"-rewind{args.rewind}")) + \
-        (f"-ft{args.finetune_epochs}" if args.finetune_epochs else "")
-    tag = (f", budget by {args.deadline:.0%}" if args.deadline else "") + (", paper rule" if paper else "") + \
-        (", stream" if args.stream_channels else "") + \
-        (", frozen at deadline" if args.budget_freeze == "deadline" else "") + \
-        (f", dense {args.from_dense} + sparse {total - args.from_dense}" if args.from_dense else "")
+        (f"-ft{args.finetune_epochs}" if args.finetune_epochs else "") + \
+        (f"-e{args.epochs}" if args.epochs and not args.from_dense else "")
+    sparse_epochs = (f", dense {args.from_dense} + sparse {total - args.from_dense}" if args.from_dense else
+                     f", sparse {args.epochs}" if args.epochs else "")
+    tag = sparse_epochs + (f", budget by {args.deadline:.0%}" if args.deadline else "") + \
+        (", paper rule" if paper else "") + (", stream" if args.stream_channels else "") + \
+        (", frozen at deadline" if args.budget_freeze == "deadline" else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_file = out / "rows.jsonl"
@@ -288,8 +295,9 @@ def main():
                     jobs += [(method, reduction, f"scratch-{b}{tag}",
                               partial(scratch_row, method, reduction, b, where, tag)) for b in "EB"]
             for name in filter(None, args.torch_pruning.split(",")):
-                jobs.append((f"torch-pruning {name}", reduction, retraining("none"),
-                             partial(torch_pruning_row, name, reduction, out / f"tp-{name}-{reduction}{suffix}")))
+                jobs.append((f"torch-pruning {name}", reduction, retraining("sss") + sparse_epochs,
+                             partial(torch_pruning_row, name, reduction, out / f"tp-{name}-{reduction}{suffix}",
+                                     sparse_epochs)))
         for method, reduction, label, job in jobs:
             if any(r["method"] == method and r["reduction_target"] == reduction and r.get("seed", 0) == args.seed
                    and r["protocol"].split(" (")[0] == label for r in done):

@@ -255,6 +255,7 @@ def plot_budget(runs: list[Path], out: Path) -> Path | None:
     _epoch_axis(cost)
     _epoch_axis(control)
     control.set_yscale("symlog", linthresh=1e-6)  # the penalty spans decades and is 0 once frozen
+    control.set_ylim(bottom=0, top=max(1e-5, control.get_ylim()[1]))  # neither knob is ever negative
     cost.legend(fontsize=7)
     control.legend(fontsize=7)
     return _save(fig, out / "budget.png")

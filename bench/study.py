@@ -3,12 +3,12 @@ fine-tuned; the same pruned spec trained from scratch (E and B); Torch-Pruning a
 
 Protocol (issue "protocols"), read from recipes/fmnist-METHOD.yaml: ResNet-20 on Fashion-MNIST, first
 20k training images, full test set, SGD Nesterov 0.9, one-cycle LR 0.1, wd 5e-4, batch 128, pad-2 crop + flip.
-Sparse training from scratch with `target_macs = 1 - reduction` (SSS, binary gates, ISTA: 2 epochs; slimming,
-ε-ResNet: 10), compress, retrain by LR rewinding (SSS, binary gates, ISTA: a whole 20-epoch one-cycle; the others:
-5 epochs, the last 5 of the 10-epoch one) or, with --rewind 0, fine-tune at LR 0.01 (cosine). Torch-Pruning trains
-the plain ResNet-20 with its pruner's regularizer for the epochs of the SSS recipe, prunes globally in small
-steps until the MACs reach the budget, then retrains as that recipe does. --epochs, --finetune-epochs and
---rewind set every row's.
+Sparse training from scratch with `target_macs = 1 - reduction` (SSS, binary gates, ISTA, slimming: 2 epochs;
+ε-ResNet: 10), compress, retrain (SSS, binary gates, ISTA, slimming: LR rewinding on a whole 20-epoch
+one-cycle; ε-ResNet: 5 epochs of cosine from LR 0.01), or with --rewind 0 the same epochs of cosine from 0.01.
+Torch-Pruning trains the plain ResNet-20 with its pruner's regularizer for the epochs of the SSS recipe, prunes
+globally in small steps until the MACs reach the budget, then retrains as that recipe does. --epochs,
+--finetune-epochs and --rewind set every row's.
 Latency: batch 64, 1×28×28, dense and pruned interleaved in one process, median of 3 rounds.
 
     python bench/study.py --out runs/study --methods sss,ista-bn --reductions 0.3,0.5,0.7 \
@@ -249,10 +249,10 @@ def main():
                              "', stream'")
     parser.add_argument("--rewind", type=int,
                         help="LR rewinding on the last --finetune-epochs of a schedule this many epochs long (the "
-                             "recipes': 20 or 10; rows say 'LR rewind N'); 0: cosine fine-tuning from 0.01 ('fine-tune')")
+                             "recipes': 20; rows say 'LR rewind N'); 0: cosine fine-tuning from 0.01 ('fine-tune')")
     parser.add_argument("--deadline", type=float,
-                        help="target_epoch_fraction: reach the budget by this fraction of the epochs (recipes: 0.5 for "
-                             "sss, binary-gate and ista-bn, else 0.6)")
+                        help="target_epoch_fraction: reach the budget by this fraction of the epochs (recipes: 0.5, "
+                             "fmnist-epsilon-resnet 0.6)")
     parser.add_argument("--from-dense", type=int, default=0, metavar="D",
                         help="sparse training starts from a dense run of D epochs (shared by the rows of a seed) "
                              "and lasts D epochs fewer than --epochs; rows carry ', dense D + sparse E'")

@@ -1,0 +1,35 @@
+"""Batch-64 CPU speed-up of compressed FM-R20 exports over the dense ResNet-20, re-measured on a quiet machine.
+
+bench/study.py times each row as it finishes, often beside other training processes; this times finished
+exports again, each in turn with the dense network (bench/study.py's `latency_speedup`, median of the rounds),
+so that the speed-ups of one host compare.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/latency.py runs/study/*/compressed [--rounds 7]
+"""
+from __future__ import annotations
+
+import argparse
+
+from study import latency_speedup
+
+from prunekit.compress import load
+from prunekit.measure import spec_cost
+from prunekit.spec import load as load_spec
+
+INPUT = (1, 28, 28)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("exports", nargs="+", help="compressed export directories (spec.json + weights)")
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    print("| export | MACs | latency b64 ms | speed-up b64 |\n|---|---|---|---|")
+    for path in args.exports:
+        ms, speedup = latency_speedup(load(path), INPUT, rounds=args.rounds)
+        macs = spec_cost(load_spec(f"{path}/spec.json"), INPUT[1:]).macs
+        print(f"| {path} | {macs / 1e6:.2f}M | {ms:.1f} | {speedup:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -245,8 +245,8 @@ def main():
                         help="the controller's rule (recipes: exact); paper rows carry ', paper rule' in their "
                              "protocol")
     parser.add_argument("--stream-channels", action="store_true",
-                        help="also prune residual-stream channels (sss, binary-gate, ista-bn, slimming); rows carry "
-                             "', stream'")
+                        help="also prune residual-stream channels (sss, ista-bn, slimming; fmnist-binary-gate's recipe "
+                             "does already); rows carry ', stream'")
     parser.add_argument("--rewind", type=int,
                         help="LR rewinding on the last --finetune-epochs of a schedule this many epochs long (the "
                              "recipes': 20; rows say 'LR rewind N'); 0: cosine fine-tuning from 0.01 ('fine-tune')")

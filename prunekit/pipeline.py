@@ -26,7 +26,7 @@ from .schedule import make_policy
 DEFAULT_TARGET_MACS = 0.5
 # `prunekit run` with no options: ResNet-20 on all of Fashion-MNIST on a 2-core CPU: dense 4 epochs, sparse 1
 # (from the dense weights), then 6 epochs of LR rewinding on a whole 6-epoch one-cycle at 0.1 (Renda et al.): the
-# epochs go to the kept half-cost network, which trains 2.2x faster than the gated one; no distillation.
+# epochs go to the kept half-cost network, which trains about 2x faster than the gated one; no distillation.
 # The measurements behind it: bench/README.md, "Short sparse training, long retraining".
 MAIN_JOB = {"model": "resnet20", "data": "fashion-mnist", "method": "sss", "epochs": 4, "sparse_epochs": 1,
             "finetune_epochs": 6, "rewind": 6, "kd_weight": 0.0, "target_macs": DEFAULT_TARGET_MACS}

@@ -12,9 +12,8 @@ import argparse
 
 from study import latency_speedup
 
-from prunekit.compress import load
+from prunekit.compress import load_any
 from prunekit.measure import spec_cost
-from prunekit.spec import load as load_spec
 
 INPUT = (1, 28, 28)
 
@@ -26,8 +25,9 @@ def main():
     args = parser.parse_args()
     print("| export | MACs | latency b64 ms | speed-up b64 |\n|---|---|---|---|")
     for path in args.exports:
-        ms, speedup = latency_speedup(load(path), INPUT, rounds=args.rounds)
-        macs = spec_cost(load_spec(f"{path}/spec.json"), INPUT[1:]).macs
+        model, spec = load_any(path)
+        ms, speedup = latency_speedup(model, INPUT, rounds=args.rounds)
+        macs = spec_cost(spec, INPUT[1:]).macs
         print(f"| {path} | {macs / 1e6:.2f}M | {ms:.1f} | {speedup:.2f}x |", flush=True)
 
 

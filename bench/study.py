@@ -265,9 +265,12 @@ def main():
                      stream_channels=args.stream_channels or None, rewind=args.rewind,
                      budget_freeze=args.budget_freeze)
     paper = args.budget_rule == "paper"
-    total = protocol("none").epochs  # dense and sparse epochs of a --from-dense row together
-    if not 0 <= args.from_dense < total:
-        parser.error(f"--from-dense {args.from_dense}: leaves no sparse epoch of the {total} (--epochs)")
+    methods = list(filter(None, args.methods.split(",")))
+    lengths = {protocol(method).epochs for method in methods} or {protocol("none").epochs}
+    total = max(lengths)  # dense and sparse epochs of a --from-dense row together
+    if args.from_dense and (len(lengths) > 1 or not 0 < args.from_dense < total):
+        parser.error(f"--from-dense {args.from_dense}: needs one length of more epochs for every method's sparse "
+                     f"training (the recipes give {sorted(lengths)}; set --epochs)")
     suffix = (f"-by{args.deadline}" if args.deadline else "") + (f"-seed{args.seed}" if args.seed else "") + \
         ("-paper" if paper else "") + ("-stream" if args.stream_channels else "") + \
         ("-deadline" if args.budget_freeze == "deadline" else "") + \
@@ -287,7 +290,7 @@ def main():
     if not args.table:
         jobs = []
         for reduction in map(float, args.reductions.split(",")):
-            for method in filter(None, args.methods.split(",")):
+            for method in methods:
                 where = out / f"{method}-{reduction}{suffix}"
                 jobs.append((method, reduction, f"{retraining(method)}{tag}",
                              partial(prunekit_row, method, reduction, where, tag, args.from_dense)))

@@ -13,7 +13,8 @@ Latency: batch 64, 1×28×28, dense and pruned interleaved in one process, media
 
     python bench/study.py --out runs/study --methods sss,ista-bn --reductions 0.3,0.5,0.7 \
         [--scratch sss] [--torch-pruning bn-scale,group-norm] [--seed 1] [--deadline 0.2] [--budget-rule paper] \
-        [--stream-channels] [--rewind 0] [--finetune-epochs 10] [--budget-freeze deadline] [--from-dense 5]
+        [--stream-channels] [--rewind 0] [--finetune-epochs 10] [--budget-freeze deadline] [--from-dense 5] \
+        [--budget-rank magnitude]
 
 Rows are appended to OUT/rows.jsonl as they finish; a row already there (same seed and deadline) is not run again.
 With several seeds of a row, the table is followed by their mean and range.
@@ -256,6 +257,8 @@ def main():
     parser.add_argument("--from-dense", type=int, default=0, metavar="D",
                         help="sparse training starts from a dense run of D epochs (shared by the rows of a seed) "
                              "and lasts D epochs fewer than --epochs; rows carry ', dense D + sparse E'")
+    parser.add_argument("--budget-rank", choices=("cost", "magnitude"),
+                        help="the exact rule's weighting (recipes: cost); magnitude rows carry ', magnitude rank'")
     parser.add_argument("--budget-freeze", choices=("target", "deadline"),
                         help="freeze the dead set once the target is met (recipes) or only at the deadline; "
                              "deadline rows carry ', frozen at deadline'")
@@ -263,7 +266,7 @@ def main():
     OVERRIDES.update(epochs=args.epochs, finetune_epochs=args.finetune_epochs, train_subset=args.train_subset,
                      seed=args.seed, target_epoch_fraction=args.deadline, budget_rule=args.budget_rule,
                      stream_channels=args.stream_channels or None, rewind=args.rewind,
-                     budget_freeze=args.budget_freeze)
+                     budget_freeze=args.budget_freeze, budget_rank=args.budget_rank)
     paper = args.budget_rule == "paper"
     methods = list(filter(None, args.methods.split(",")))
     lengths = {protocol(method).epochs for method in methods} or {protocol("none").epochs}
@@ -274,6 +277,7 @@ def main():
     suffix = (f"-by{args.deadline}" if args.deadline else "") + (f"-seed{args.seed}" if args.seed else "") + \
         ("-paper" if paper else "") + ("-stream" if args.stream_channels else "") + \
         ("-deadline" if args.budget_freeze == "deadline" else "") + \
+        ("-magnitude" if args.budget_rank == "magnitude" else "") + \
         (f"-dense{args.from_dense}-{total}" if args.from_dense else "") + \
         ({None: "", 0: "-cosine"}.get(args.rewind, f"-rewind{args.rewind}")) + \
         (f"-ft{args.finetune_epochs}" if args.finetune_epochs else "") + \
@@ -282,7 +286,8 @@ def main():
                      f", sparse {args.epochs}" if args.epochs else "")
     tag = sparse_epochs + (f", budget by {args.deadline:.0%}" if args.deadline else "") + \
         (", paper rule" if paper else "") + (", stream" if args.stream_channels else "") + \
-        (", frozen at deadline" if args.budget_freeze == "deadline" else "")
+        (", frozen at deadline" if args.budget_freeze == "deadline" else "") + \
+        (", magnitude rank" if args.budget_rank == "magnitude" else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_file = out / "rows.jsonl"

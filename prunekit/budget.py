@@ -16,7 +16,14 @@ target does not freeze: the penalty keeps following the ramp (falling while p is
 structures the proximal step zeroed can come back) and the dead set is chosen at the deadline, from
 factors that trained longer than the first epoch in which an aggressive penalty met the target.
 
-That is `budget_rule="exact"`. With `"paper"` the controller steers only the paper's own knob (γ for
+That is `budget_rule="exact"` with `budget_rank="cost"`. With `budget_rank="magnitude"` (ours) the penalty is
+the method's own, one value for every structure (no cost weight, no Ye c_l) and not steered, and the freeze at
+the deadline (or when the method's own rule meets the target) ranks by |factor| alone, as network slimming's
+global threshold does: channels go where they matter least, not where they save the most, so every stage keeps
+width and the network keeps its depth, as Torch-Pruning leaves it. (Steered, a uniform penalty empties the first
+stage first: FM-R20 SSS froze in epoch 1 with inner widths 0 2 0 | 0 5 32 | 64 64 64.)
+
+With `budget_rule="paper"` the controller steers only the paper's own knob (γ for
 SSS and binary gates, ρ with Ye's per-layer c_l for ISTA, ε for ε-ResNet): every structure shares
 one penalty, what the paper's rule kills (factor 0, gate off, branch discarded) stays dead, and the
 freeze only adds structures by ascending |factor| when the target is not met yet (ε-ResNet: the
@@ -190,8 +197,9 @@ class BudgetController(Callback):
     def __init__(self, spec, method: str, input_hw, target: int, metric: str, reach_fraction: float,
                  penalty: float, check_every: int = 20, gain: float = 8.0, margin: float = 0.005,
                  bound: float = 100.0, rule: str = "exact", tail: int = 64, round_to: int = 1,
-                 freeze_at: str = "target"):
+                 freeze_at: str = "target", rank: str = "cost"):
         self.spec, self.method, self.input_hw, self.rule, self.tail = spec, method, input_hw, rule, tail
+        self.rank = rank
         self.freeze_at = freeze_at
         self.round_to = round_to
         self.target, self.metric, self.reach_fraction = target, metric, reach_fraction
@@ -209,6 +217,11 @@ class BudgetController(Callback):
         return getattr(projected_cost(model, self.spec, self.method, self.input_hw, round_to=self.round_to),
                        self.metric)
 
+    def _weights(self, model) -> dict:
+        """Each structure's weight in the penalty and the freeze rank: its cost weight, or 1 (`rank` magnitude)."""
+        weights = cost_weights(model, self.spec, self.input_hw, self.metric)
+        return weights if self.rank == "cost" else dict.fromkeys(weights, 1.0)
+
     def _set_penalty(self, trainer, value: float) -> None:
         self.penalty = value
         for opt in trainer.optimizers[1:]:
@@ -217,9 +230,10 @@ class BudgetController(Callback):
                     group["penalty"] = value * group.get("budget_weight", 1.0)
 
     def setup(self, trainer):
-        """`exact`: each structure's penalty is scaled by its cost weight (replacing ISTA's c_l); `paper`:
-        the method's own per-group weights stay (Ye's c_l for ISTA, one γ for every SSS factor)."""
-        weights = cost_weights(trainer.model, self.spec, self.input_hw, self.metric)
+        """`exact`: each structure's penalty is scaled by its cost weight, or by 1 with `rank` magnitude (either
+        replaces ISTA's c_l); `paper`: the method's own per-group weights stay (Ye's c_l for ISTA, one γ for every
+        SSS factor)."""
+        weights = self._weights(trainer.model)
         owners = {id(tensor): key for _, key, _, tensor in _structures(trainer.model)}
         for opt in trainer.optimizers[1:]:
             for group in opt.param_groups:
@@ -250,6 +264,8 @@ class BudgetController(Callback):
         if reached or t >= self.reach_fraction:
             self.freeze(trainer)
             return
+        if self.rank == "magnitude":  # not steered: a steered uniform penalty zeroes the first stage first
+            return
         ramp = 1 - (1 - self.target / self.dense) * min(t / self.reach_fraction, 1.0)
         error = self.projected / self.dense - ramp
         step = math.exp(max(min(self.gain * error, math.log(4)), -math.log(4)))
@@ -258,7 +274,7 @@ class BudgetController(Callback):
     @torch.no_grad()
     def freeze(self, trainer) -> None:
         """Choose the dead set that meets the target, zero it, and stop the penalty. `exact` ranks every
-        structure by |factor| / cost weight; `paper` keeps what the paper's rule killed (factor 0, or a
+        structure by |factor| / cost weight (`rank` magnitude: by |factor|); `paper` keeps what the paper's rule killed (factor 0, or a
         binary gate off) and, if the target is not met yet, adds structures by ascending |factor|.
 
         The factors are read from the device once. The cost of removing a ranked prefix only falls as
@@ -286,7 +302,7 @@ class BudgetController(Callback):
 
             ranked = sorted((c for c in structures if not removed_by_paper(c)), key=score)
         else:
-            weights = cost_weights(model, self.spec, self.input_hw, self.metric)
+            weights = self._weights(model)
 
             def score(c):
                 return abs(value(c)) / weights[c[1]]
@@ -530,4 +546,4 @@ def budget_callbacks(model, spec, config, input_size) -> list[Callback]:
 
     return [BudgetController(spec, config.method, input_hw, target, metric, config.target_epoch_fraction,
                              penalty_of(config), rule=config.budget_rule, round_to=config.round_to,
-                             freeze_at=config.budget_freeze)]
+                             freeze_at=config.budget_freeze, rank=config.budget_rank)]

@@ -96,6 +96,10 @@ OPTION_HELP = {
                    "a final freeze ranks by |factor|)",
     "budget_freeze": "with a target: freeze the dead set as soon as the target is met (target) or keep steering the "
                      "penalty along its ramp, structures free to come back, until --target-epoch-fraction (deadline)",
+    "budget_rank": "with a target and the exact rule, for sss, binary-gate and ista-bn: cost (each structure's "
+                   "penalty, steered, and freeze rank weighted by the MACs it saves: fast, shallower networks) or "
+                   "magnitude (the method's own penalty, unsteered; the freeze at the deadline ranks |factor| alone, "
+                   "as slimming does: every stage keeps width and depth)",
     "round_to": "kept widths are multiples of N (or the full width); the budget counts the rounded widths "
                 "(default: 8 on a CUDA device, 1 elsewhere)",
     "stream_channels": "also prune residual-stream channels (one factor per channel, shared by every block of its "

@@ -85,6 +85,7 @@ class Config:
     target_epoch_fraction: float = 0.6
     budget_rule: str = "exact"
     budget_freeze: str = "target"  # freeze the dead set once the target is met, or only at the deadline
+    budget_rank: str = "cost"  # exact rule: penalty and freeze rank weighted by each structure's cost, or not
     # kept widths are multiples of round_to (or the full width); None: decided when a run starts (with_round_to)
     round_to: int | None = None
     stream_channels: bool = False  # also prune residual-stream channels (channel methods; post-activation ResNets)
@@ -102,7 +103,8 @@ SSS_STRUCTURES = ("channels", "blocks", "groups")
 METHODS = ("none", "sss", "binary-gate", "ista-bn", "slimming", "epsilon-resnet")  # = prunekit.methods.METHODS
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "digits", "imagenet")  # = prunekit.data's
 CHOICES = {"schedule": SCHEDULES, "on_nan": ("stop", "skip"), "discard_rule": ("average", "weights", "majority"),
-           "budget_rule": ("exact", "paper"), "budget_freeze": ("target", "deadline"), "method": METHODS,
+           "budget_rule": ("exact", "paper"), "budget_freeze": ("target", "deadline"),
+           "budget_rank": ("cost", "magnitude"), "method": METHODS,
            "data": DATASETS}
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,2})?")
 
@@ -266,6 +268,11 @@ def make_config(values: dict, source: str = "config") -> Config:
     if config.stream_channels and config.method in ("none", "epsilon-resnet"):
         raise ConfigError(f"{source}: stream_channels: a channel method prunes the stream (sss, binary-gate, ista-bn, "
                           f"slimming), not {_show(config.method)}")
+    if config.budget_rank == "magnitude" and (config.budget_rule == "paper"
+                                              or config.method not in ("sss", "binary-gate", "ista-bn")):
+        raise ConfigError(f"{source}: budget_rank: magnitude applies to the exact rule's sss, binary-gate and ista-bn "
+                          f"(slimming ranks by magnitude already, the paper rule by its own knob), not "
+                          f"{_show(config.method)} with the {config.budget_rule} rule")
     if config.extra_data and config.data != "svhn":
         raise ConfigError(f"{source}: extra_data: only SVHN has an extra split, not {_show(config.data)}")
     if config.nesterov and config.momentum == 0:

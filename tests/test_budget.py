@@ -160,6 +160,23 @@ def test_control_law_multiplies_the_penalty_and_stays_within_its_anti_windup_bou
     assert not controller.frozen
 
 
+def test_magnitude_rank_leaves_the_penalty_alone_until_the_deadline(tmp_path):
+    """`budget_rank: magnitude`: checks behind the ramp do not raise the penalty (it stays the method's 0.01 on
+    every structure alike); the check past the deadline (t = 0.6) freezes on the target all the same."""
+    trainer = tiny_setup(tmp_path, "sss", epochs=10, penalty=0.01)
+    config = make_config({"method": "sss", "target_macs": 0.5, "penalty": 0.01, "budget_rank": "magnitude"})
+    (controller,) = budget_callbacks(trainer.model, trainer.model.spec, config, (1, 8, 8))
+    controller.setup(trainer)
+    steps = len(trainer.train_loader)
+    for epoch in range(6):
+        trainer.epoch, trainer.step_in_epoch = epoch, steps - 1
+        controller.after_step(trainer)
+        assert controller.frozen == (epoch == 5)
+        assert [g["penalty"] for g in trainer.optimizers[1].param_groups] == [0.0 if epoch == 5 else 0.01] * len(
+            trainer.optimizers[1].param_groups)
+    assert abs(controller.projected / controller.dense - 0.5) <= 0.02  # the tiny model's channels are coarse
+
+
 @pytest.mark.parametrize("rule", ["exact", "paper"])
 def test_paper_rule_keeps_yes_cost_weights_and_what_the_rule_killed(tmp_path, rule):
     """ISTA under a budget: `paper` leaves Ye's c_l on each γ group and no per-structure budget weight, and its
@@ -182,6 +199,48 @@ def test_paper_rule_keeps_yes_cost_weights_and_what_the_rule_killed(tmp_path, ru
     controller.freeze(trainer)
     dead = dead_structures(trainer.model, "ista-bn").count_channels()
     assert dead == 6 if rule == "paper" else dead < 6
+
+
+@pytest.mark.parametrize("rank", ["cost", "magnitude"])
+def test_magnitude_rank_weighs_every_structure_alike_and_keeps_the_costly_stage(tmp_path, rank):
+    """FM-R20, SSS channels and blocks, every block factor 100 (ranked last either way), stage-1 inner channels
+    at 0.5 and the rest at 0.3.
+    A stage-1 channel saves 4x the MACs of a stage-3 one (2 · 16 · 9 · 28² against 2 · 64 · 9 · 7²), so the cost
+    rank scores it 0.5/4 < 0.3 and takes stage 1 first; the magnitude rank takes the 0.3s first and leaves
+    stage 1 whole. Setup gives every optimizer group weight 1 (magnitude) or its cost weight (cost)."""
+    from types import SimpleNamespace
+
+    from prunekit.budget import BudgetController
+
+    spec, model = gated_model("resnet20", 1, "scale", seed=7)
+    weights = cost_weights(model, spec, (28, 28))
+    assert weights["layer1.0.conv1"] / weights["layer3.1.conv1"] == pytest.approx(4.0, rel=0.01)
+    with torch.no_grad():
+        for g in model.channel_groups():
+            g.gate.weight.fill_(0.5 if g.name.startswith("layer1") else 0.3)
+        for _, _, block in model.residual_blocks():
+            block.gate.weight.fill_(100.0)
+    dense = spec_cost(spec, (28, 28)).macs
+    controller = BudgetController(spec, "sss", (28, 28), int(0.8 * dense), "macs", 0.6, 0.0, rank=rank)
+    controller.freeze(SimpleNamespace(model=model, optimizers=[]))
+    dead = dead_structures(model, "sss")
+    stage1 = sum(int(mask.sum()) for name, mask in dead.channels.items() if name.startswith("layer1"))
+    assert not dead.blocks
+    assert stage1 == 0 < dead.count_channels() if rank == "magnitude" else stage1 == dead.count_channels() > 0
+    compressed = compress(model, spec, dead)
+    assert spec_cost(compressed.spec, (28, 28)).macs == controller.projected <= int(0.8 * dense)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(compressed.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+    trainer = tiny_setup(tmp_path, "ista-bn", epochs=1, penalty=0.01)
+    config = make_config({"method": "ista-bn", "target_macs": 0.8, "penalty": 0.01, "budget_rank": rank})
+    (ista,) = budget_callbacks(trainer.model, trainer.model.spec, config, (1, 8, 8))
+    ista.setup(trainer)
+    groups = trainer.optimizers[1].param_groups
+    assert all(g["cost"] == 1.0 for g in groups)
+    budget_weights = {g["budget_weight"] for g in groups}
+    assert budget_weights == {1.0} if rank == "magnitude" else len(budget_weights) > 1
 
 
 @pytest.mark.parametrize("method, stop_at, options", [

@@ -49,10 +49,11 @@ TORCH_PRUNING_REG = {"bn-scale": 1e-4, "group-norm": 1e-4}  # the issue's anchor
 
 def protocol(method: str, **changes):
     """The Config of recipes/fmnist-METHOD.yaml with the command line's and `changes` on top (the dense
-    baseline, which prunes nothing, without --stream-channels)."""
+    baseline, which prunes nothing, without --stream-channels and --budget-rank)."""
     overrides = {**OVERRIDES, **changes}
     if method == "none":
         overrides.pop("stream_channels", None)
+        overrides.pop("budget_rank", None)
     return resolve(RECIPES / f"fmnist-{method}.yaml", overrides)
 
 
@@ -65,13 +66,15 @@ def retraining(method: str) -> str:
     return name + (f", {epochs} epoch{'s' * (epochs != 1)}" if epochs else "")
 
 
-def latency_speedup(model: torch.nn.Module, size: tuple[int, ...], rounds: int = 3) -> tuple[float, float]:
-    """(pruned ms, dense ms / pruned ms) at batch 64, the dense ResNet-20 timed alternately with `model`."""
+def latency_speedup(model: torch.nn.Module, size: tuple[int, ...], rounds: int = 3,
+                    channels_last: bool = False) -> tuple[float, float]:
+    """(pruned ms, dense ms / pruned ms) at batch 64, the dense ResNet-20 timed alternately with `model`, both
+    in the same memory format."""
     dense = build(model_spec(protocol("none"))).eval()
     pruned_ms, ratios = [], []
     for _ in range(rounds):
-        d = measure_latency(dense, size, 64).median_ms
-        p = measure_latency(model, size, 64).median_ms
+        d = measure_latency(dense, size, 64, channels_last=channels_last).median_ms
+        p = measure_latency(model, size, 64, channels_last=channels_last).median_ms
         pruned_ms.append(p)
         ratios.append(d / p)
     return statistics.median(pruned_ms), statistics.median(ratios)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import re
@@ -279,6 +280,30 @@ def make_config(values: dict, source: str = "config") -> Config:
         raise ConfigError(f"{source}: nesterov needs a momentum above 0; give --no-nesterov (nesterov: false) "
                           f"for plain SGD")
     return config
+
+
+SPARSE_ONLY = ("penalty", "stream_channels", "budget_rank")  # options that only a sparsity method reads
+
+
+def dense_config(config: Config) -> Config:
+    """`config` with no sparsity (dense baselines, fine-tuning, scratch runs): method none, no target, and the
+    sparse-only options at their defaults, so that its record reads back as a valid config."""
+    return replace(config, method="none", target_macs=None, target_params=None,
+                   **{name: Config.__dataclass_fields__[name].default for name in SPARSE_ONLY})
+
+
+def without_inert_options(values: dict) -> dict:
+    """A recorded config less the sparse-only options of a run with method none: records written before
+    `dense_config` (fine-tuning of a stream recipe) carried them, and they prune nothing there."""
+    if values.get("method", "none") != "none":
+        return values
+    return {key: value for key, value in values.items() if key not in SPARSE_ONLY}
+
+
+def comparable(values: dict) -> dict:
+    """A config mapping as resuming compares it: every field present (a record from before a field existed ran
+    with its default) and the options its method does not read left out."""
+    return without_inert_options({**json.loads(json.dumps(Config().to_dict())), **values})
 
 
 def with_round_to(config: Config, device_type: str, recorded: int | None = None) -> Config:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_write_json, load_weights
 from .compress import compress_run
-from .config import Config
+from .config import Config, dense_config
 from .measure import measure_latency, spec_cost
 from .protocols import export_accuracy, finetune, finetune_config
 from .report import report_table, write_report
@@ -55,7 +55,7 @@ def run_pipeline(config: Config, out: str | Path, *, resume: bool = False, force
     start = time.perf_counter()
     make_policy(finetune_config(config))  # a fine-tuning schedule that cannot be built fails before the dense stage
     say(f"[1/4] dense training ({config.model}, {config.epochs} epochs) → {out / 'dense'}")
-    dense = train(dataclasses.replace(config, method="none", target_macs=None, target_params=None, rewind=None),
+    dense = train(dataclasses.replace(dense_config(config), rewind=None),
                   out / "dense", resume=resume, force=force, log=log)
     say(f"[2/4] sparse training ({config.method}, {config.sparse_epochs} epochs) → {out / 'sparse'}")
     retrain = distilled(config, out)

@@ -21,7 +21,7 @@ import torch
 from . import spec as specs
 from .checkpoint import atomic_write_json
 from .compress import compress_run, load
-from .config import Config, ConfigError
+from .config import Config, ConfigError, dense_config
 from .distributed import DistContext, pick_device
 from .engine import Trainer
 from .measure import spec_cost
@@ -64,8 +64,7 @@ def scratch_b_schedule(epochs: int, milestones: list[float] | None, ratio: float
 def finetune_config(config: Config) -> Config:
     """Fine-tuning: no sparsity, the fine-tune epochs, and either cosine decay from the fine-tune LR or, with
     `rewind`, LR rewinding: the last fine-tune epochs of the original schedule and LR over `rewind` epochs."""
-    retrain = dataclasses.replace(config, method="none", epochs=config.finetune_epochs, penalty=None,
-                                  target_macs=None, target_params=None)
+    retrain = dataclasses.replace(dense_config(config), epochs=config.finetune_epochs)
     if config.rewind:
         return retrain
     return dataclasses.replace(retrain, lr=config.finetune_lr, schedule="cosine", warmup_epochs=0.0)
@@ -79,7 +78,7 @@ def _keeps_step_schedule(config: Config) -> bool:
 def scratch_e_config(config: Config) -> Config:
     """Scratch-E: a dense run of the original length and schedule (step decays at 50%/75% if none given),
     from its start (no rewinding)."""
-    dense = dataclasses.replace(config, method="none", penalty=None, target_macs=None, target_params=None, rewind=None)
+    dense = dataclasses.replace(dense_config(config), rewind=None)
     if not _keeps_step_schedule(config):
         return dense
     milestones = config.milestones or [float(math.floor(config.epochs * f)) for f in DEFAULT_DECAY_FRACTIONS]

@@ -28,7 +28,8 @@ import torch
 from . import spec as specs
 from .budget import budget_callbacks
 from .checkpoint import atomic_write_json, load_weights, remove_partial_writes, save_weights
-from .config import Config, ConfigError, check_type, make_config, with_round_to
+from .config import (Config, ConfigError, check_type, comparable, make_config, with_round_to,
+                     without_inert_options)
 from .data import DATASET_STATS, BatchLoader, DataError, dataset_info, load_dataset, make_loader, split_validation
 from .distributed import DistContext, init_distributed
 from .engine import Trainer
@@ -207,7 +208,7 @@ def recorded_config(run_dir: Path) -> dict:
         raise RunDirError(f"{record}: not the record of a run (the file {exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
         raise RunDirError(f"{record}: holds no run configuration (a mapping with a 'config' mapping)")
-    return data["config"]
+    return without_inert_options(data["config"])
 
 
 def resumed_round_to(run_dir: Path) -> int | None:
@@ -252,7 +253,7 @@ def prepare_run_dir(run_dir: Path, config: Config, *, resume: bool, force: bool,
             previous = recorded_config(run_dir)
         except RunDirError as exc:
             raise RunDirError(f"{exc}; use --force to start the run over") from None
-        if previous != json.loads(json.dumps(config.to_dict())):
+        if comparable(previous) != comparable(json.loads(json.dumps(config.to_dict()))):
             raise RunDirError(f"{run_dir}: holds a run with a different configuration; use --force to overwrite")
         same_run = True
     if not is_main:

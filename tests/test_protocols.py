@@ -169,3 +169,17 @@ def test_multi_stage_exports_a_version_per_stage(tiny, tmp_path):
     assert summary["version-3"]["params"] <= summary["version-2"]["params"] < summary["version-1"]["params"]
     stage3 = json.loads((tmp_path / "stage-3" / "config.json").read_text())["config"]
     assert (stage3["penalty"], stage3["lr"], stage3["epochs"]) == (0.0, 0.01, 1)
+
+
+@pytest.mark.parametrize("method", ["binary-gate", "ista-bn"])
+def test_retraining_configs_drop_the_sparse_only_options_so_their_records_read_back(method):
+    """Fine-tuning and scratch runs of a stream, magnitude-rank recipe prune nothing: their configs carry the
+    defaults of stream_channels, budget_rank and penalty, and validate again as recorded."""
+    from prunekit.protocols import finetune_config, scratch_e_config
+
+    config = make_config({"method": method, "stream_channels": True, "budget_rank": "magnitude", "penalty": 0.02,
+                          "target_macs": 0.5, "rewind": 20, "finetune_epochs": 20})
+    for retrain in (finetune_config(config), scratch_e_config(config)):
+        assert (retrain.method, retrain.stream_channels, retrain.budget_rank, retrain.penalty) == (
+            "none", False, "cost", None)
+        assert make_config(retrain.to_dict()) == retrain

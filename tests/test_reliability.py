@@ -542,6 +542,21 @@ def test_a_directory_holding_another_run_is_refused(tmp_path, capsys, train_args
     assert_sound_run_dir(run)
 
 
+def test_a_record_from_an_older_version_resumes_and_reads_back(tmp_path, capsys, train_args, reference, tiny_fmnist):
+    """A dense run's record without a field added since (budget_rank: it ran with the default) and carrying a
+    sparse stage's stream_channels (fine-tuning records of stream recipes did, before `dense_config`) still
+    resumes as the same run, and `eval` reads it; a changed value is still a different configuration."""
+    run = copy_run(reference, tmp_path)
+    record = json.loads((run / "config.json").read_text())
+    assert record["config"]["method"] == "none"
+    del record["config"]["budget_rank"]
+    record["config"]["stream_channels"] = True
+    (run / "config.json").write_text(json.dumps(record))
+    assert run_cli(*train_args(run), "--resume") == 0
+    assert run_cli("eval", run, "--data-dir", tiny_fmnist) == 0
+    assert_refused(capsys, [*train_args(run), "--lr", 0.05, "--resume"], "different configuration", untouched=run)
+
+
 def test_force_clears_the_old_runs_artifacts_first(tmp_path, train_args, reference):
     run = copy_run(reference, tmp_path)
     assert run_cli("compress", run) == 0

@@ -8,7 +8,7 @@ Sparse training from scratch with `target_macs = 1 - reduction` (SSS, binary gat
 one-cycle; ε-ResNet: 5 epochs of cosine from LR 0.01), or with --rewind 0 the same epochs of cosine from 0.01.
 Torch-Pruning trains the plain ResNet-20 with its pruner's regularizer for the epochs of the SSS recipe, prunes
 globally in small steps until the MACs reach the budget, then retrains as that recipe does. --epochs,
---finetune-epochs and --rewind set every row's.
+--finetune-epochs and --rewind set every row's; --budget-rank magnitude ranks by |factor| alone, unsteered.
 Latency: batch 64, 1×28×28, dense and pruned interleaved in one process, median of 3 rounds.
 
     python bench/study.py --out runs/study --methods sss,ista-bn --reductions 0.3,0.5,0.7 \
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from prunekit.compress import CompressionError, compress_run
-from prunekit.config import resolve
+from prunekit.config import SPARSE_ONLY, resolve
 from prunekit.distributed import DistContext, pick_device
 from prunekit.engine import Callback, Trainer
 from prunekit.measure import count_macs, count_params, measure_latency, spec_cost
@@ -49,11 +49,11 @@ TORCH_PRUNING_REG = {"bn-scale": 1e-4, "group-norm": 1e-4}  # the issue's anchor
 
 def protocol(method: str, **changes):
     """The Config of recipes/fmnist-METHOD.yaml with the command line's and `changes` on top (the dense
-    baseline, which prunes nothing, without --stream-channels and --budget-rank)."""
+    baseline, which prunes nothing, without the sparse-only --stream-channels, --budget-rank and --penalty)."""
     overrides = {**OVERRIDES, **changes}
     if method == "none":
-        overrides.pop("stream_channels", None)
-        overrides.pop("budget_rank", None)
+        for name in SPARSE_ONLY:
+            overrides.pop(name, None)
     return resolve(RECIPES / f"fmnist-{method}.yaml", overrides)
 
 
@@ -260,6 +260,8 @@ def main():
     parser.add_argument("--from-dense", type=int, default=0, metavar="D",
                         help="sparse training starts from a dense run of D epochs (shared by the rows of a seed) "
                              "and lasts D epochs fewer than --epochs; rows carry ', dense D + sparse E'")
+    parser.add_argument("--penalty", type=float, help="the methods' penalty instead of their defaults; rows carry "
+                                                      "', penalty P'")
     parser.add_argument("--budget-rank", choices=("cost", "magnitude"),
                         help="the exact rule's weighting (recipes: cost); magnitude rows carry ', magnitude rank'")
     parser.add_argument("--budget-freeze", choices=("target", "deadline"),
@@ -269,7 +271,7 @@ def main():
     OVERRIDES.update(epochs=args.epochs, finetune_epochs=args.finetune_epochs, train_subset=args.train_subset,
                      seed=args.seed, target_epoch_fraction=args.deadline, budget_rule=args.budget_rule,
                      stream_channels=args.stream_channels or None, rewind=args.rewind,
-                     budget_freeze=args.budget_freeze, budget_rank=args.budget_rank)
+                     budget_freeze=args.budget_freeze, budget_rank=args.budget_rank, penalty=args.penalty)
     paper = args.budget_rule == "paper"
     methods = list(filter(None, args.methods.split(",")))
     lengths = {protocol(method).epochs for method in methods} or {protocol("none").epochs}
@@ -281,6 +283,7 @@ def main():
         ("-paper" if paper else "") + ("-stream" if args.stream_channels else "") + \
         ("-deadline" if args.budget_freeze == "deadline" else "") + \
         ("-magnitude" if args.budget_rank == "magnitude" else "") + \
+        (f"-penalty{args.penalty:g}" if args.penalty is not None else "") + \
         (f"-dense{args.from_dense}-{total}" if args.from_dense else "") + \
         ({None: "", 0: "-cosine"}.get(args.rewind, f"-rewind{args.rewind}")) + \
         (f"-ft{args.finetune_epochs}" if args.finetune_epochs else "") + \
@@ -290,7 +293,8 @@ def main():
     tag = sparse_epochs + (f", budget by {args.deadline:.0%}" if args.deadline else "") + \
         (", paper rule" if paper else "") + (", stream" if args.stream_channels else "") + \
         (", frozen at deadline" if args.budget_freeze == "deadline" else "") + \
-        (", magnitude rank" if args.budget_rank == "magnitude" else "")
+        (", magnitude rank" if args.budget_rank == "magnitude" else "") + \
+        (f", penalty {args.penalty:g}" if args.penalty is not None else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_file = out / "rows.jsonl"

@@ -274,8 +274,9 @@ class BudgetController(Callback):
     @torch.no_grad()
     def freeze(self, trainer) -> None:
         """Choose the dead set that meets the target, zero it, and stop the penalty. `exact` ranks every
-        structure by |factor| / cost weight (`rank` magnitude: by |factor|); `paper` keeps what the paper's rule killed (factor 0, or a
-        binary gate off) and, if the target is not met yet, adds structures by ascending |factor|.
+        structure by |factor| / cost weight (`rank` magnitude: by |factor|); `paper` keeps what the paper's rule
+        killed (factor 0, or a binary gate off) and, if the target is not met yet, adds structures by ascending
+        |factor|.
 
         The factors are read from the device once. The cost of removing a ranked prefix only falls as
         the prefix grows, so the shortest prefix that meets the target is found by bisection; if its

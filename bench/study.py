@@ -66,15 +66,13 @@ def retraining(method: str) -> str:
     return name + (f", {epochs} epoch{'s' * (epochs != 1)}" if epochs else "")
 
 
-def latency_speedup(model: torch.nn.Module, size: tuple[int, ...], rounds: int = 3,
-                    channels_last: bool = False) -> tuple[float, float]:
-    """(pruned ms, dense ms / pruned ms) at batch 64, the dense ResNet-20 timed alternately with `model`, both
-    in the same memory format."""
+def latency_speedup(model: torch.nn.Module, size: tuple[int, ...], rounds: int = 3) -> tuple[float, float]:
+    """(pruned ms, dense ms / pruned ms) at batch 64, the dense ResNet-20 timed alternately with `model`."""
     dense = build(model_spec(protocol("none"))).eval()
     pruned_ms, ratios = [], []
     for _ in range(rounds):
-        d = measure_latency(dense, size, 64, channels_last=channels_last).median_ms
-        p = measure_latency(model, size, 64, channels_last=channels_last).median_ms
+        d = measure_latency(dense, size, 64).median_ms
+        p = measure_latency(model, size, 64).median_ms
         pruned_ms.append(p)
         ratios.append(d / p)
     return statistics.median(pruned_ms), statistics.median(ratios)

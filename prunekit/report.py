@@ -361,15 +361,21 @@ def _save(fig, path: Path, layout: bool = True) -> Path:
     return path
 
 
+def _layout(row: dict, which: str) -> str:
+    """' (channels_last)' where the row timed that network faster in channels_last (rows before it: nothing)."""
+    layout = row.get(f"latency_layout_{which}")
+    return f" ({layout})" if layout and layout != "NCHW" else ""
+
+
 def report_table(rows: list[dict]) -> str:
     """Accuracy (dense / sparse / compressed / final), params, MACs, latency and speed-up side by side."""
     lines = ["| method | model | dense acc | sparse acc | compressed acc | final acc | params | MACs kept | "
-             "latency b64 (ms) | speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "latency b64 (ms), faster layout | speed-up over dense in its faster layout |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['model']} | {r['dense_acc']:.4f} | {r['sparse_acc']:.4f} | "
                      f"{r['compressed_acc']:.4f} | {r['final_acc']:.4f} | {r['params_final']:,} / "
                      f"{r['params_dense']:,} | {r['macs_final'] / r['macs_dense']:.1%} | "
-                     f"{r['latency_ms_b64_final']:.1f} | "
+                     f"{r['latency_ms_b64_final']:.1f}{_layout(r, 'final')} | "
                      f"{r['latency_ms_b64_dense'] / r['latency_ms_b64_final']:.2f}x |")
     return "\n".join(lines) + "\n"
 

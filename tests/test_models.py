@@ -189,3 +189,29 @@ def test_a_narrow_conv_shortcut_trains_in_channels_last():
     strided.weight = block.downsample[0].weight
     h = torch.randn(2, 4, 15, 15)
     torch.testing.assert_close(block.downsample[0](block._every_stride_pixel(h)), strided(h))
+
+
+def test_fastest_latency_times_both_memory_formats_and_leaves_the_model_as_it_was(monkeypatch):
+    """`fastest_latency` returns the faster of NCHW and channels_last (here channels_last, made faster by a stub
+    clock that charges NCHW passes 3 ms and channels_last ones 1 ms) and the model keeps its contiguous weights."""
+    from prunekit import measure
+
+    model = build(zoo_spec("resnet20", in_channels=1))
+    now = [0.0]
+
+    def clock():
+        return now[0]
+
+    real_forward = type(model).forward
+
+    def forward(self, x):
+        weight = max((p for p in self.parameters() if p.dim() == 4), key=torch.Tensor.numel)  # 64x64x3x3
+        now[0] += 1e-3 if not weight.is_contiguous() else 3e-3  # a 1-channel input is both formats at once
+        return real_forward(self, x)
+
+    monkeypatch.setattr(measure.time, "perf_counter", clock)
+    monkeypatch.setattr(type(model), "forward", forward)
+    latency = measure.fastest_latency(model, (1, 8, 8), 2, warmup=1, repeats=3)
+    assert latency.channels_last and latency.median_ms == pytest.approx(1.0)
+    assert measure.measure_latency(model, (1, 8, 8), 2, warmup=1, repeats=3).median_ms == pytest.approx(3.0)
+    assert all(p.is_contiguous() for p in model.parameters())

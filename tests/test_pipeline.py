@@ -19,6 +19,7 @@ def test_run_then_report(tmp_path, tiny_fmnist):
     for key in ("dense_acc", "sparse_acc", "compressed_acc", "final_acc", "params_dense", "params_final",
                 "macs_dense", "macs_final", "latency_ms_b64_dense", "latency_ms_b64_final"):
         assert key in row, key
+    assert {row["latency_layout_dense"], row["latency_layout_final"]} <= {"NCHW", "channels_last"}
     assert abs(row["macs_final"] / row["macs_dense"] - 0.5) <= 0.02
     assert row["max_logit_difference"] < 1e-3
     written = (out / "report.md").read_text()  # `prunekit run` ends with the report and its plots

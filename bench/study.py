@@ -231,6 +231,33 @@ def seed_summary(rows: list[dict]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def row_naming(method: str, args, total: int) -> tuple[str, str]:
+    """(directory suffix, label tag) of a method's rows: the command line's changes, and the residual stream and the
+    rank that its resolved protocol prunes with (its recipe's own, or --stream-channels / --budget-rank)."""
+    config = protocol(method)
+    stream, magnitude, paper = config.stream_channels, config.budget_rank == "magnitude", args.budget_rule == "paper"
+    suffix = (f"-by{args.deadline}" if args.deadline else "") + (f"-seed{args.seed}" if args.seed else "") + \
+        ("-paper" if paper else "") + ("-stream" if stream else "") + \
+        ("-deadline" if args.budget_freeze == "deadline" else "") + ("-magnitude" if magnitude else "") + \
+        (f"-penalty{args.penalty:g}" if args.penalty is not None else "") + \
+        (f"-dense{args.from_dense}-{total}" if args.from_dense else "") + \
+        ({None: "", 0: "-cosine"}.get(args.rewind, f"-rewind{args.rewind}")) + \
+        (f"-ft{args.finetune_epochs}" if args.finetune_epochs else "") + \
+        (f"-e{args.epochs}" if args.epochs and not args.from_dense else "")
+    tag = sparse_label(args, total) + (f", budget by {args.deadline:.0%}" if args.deadline else "") + \
+        (", paper rule" if paper else "") + (", stream" if stream else "") + \
+        (", frozen at deadline" if args.budget_freeze == "deadline" else "") + \
+        (", magnitude rank" if magnitude else "") + \
+        (f", penalty {args.penalty:g}" if args.penalty is not None else "")
+    return suffix, tag
+
+
+def sparse_label(args, total: int) -> str:
+    """The rows' note on sparse epochs set by the command line (--from-dense, --epochs)."""
+    return (f", dense {args.from_dense} + sparse {total - args.from_dense}" if args.from_dense else
+            f", sparse {args.epochs}" if args.epochs else "")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/study")
@@ -248,7 +275,7 @@ def main():
                              "protocol")
     parser.add_argument("--stream-channels", action="store_true",
                         help="also prune residual-stream channels (sss, ista-bn, slimming; fmnist-binary-gate's recipe "
-                             "does already); rows carry ', stream'")
+                             "does already); rows whose protocol prunes the stream carry ', stream'")
     parser.add_argument("--rewind", type=int,
                         help="LR rewinding on the last --finetune-epochs of a schedule this many epochs long (the "
                              "recipes': 20; rows say 'LR rewind N'); 0: cosine fine-tuning from 0.01 ('fine-tune')")
@@ -261,7 +288,8 @@ def main():
     parser.add_argument("--penalty", type=float, help="the methods' penalty instead of their defaults; rows carry "
                                                       "', penalty P'")
     parser.add_argument("--budget-rank", choices=("cost", "magnitude"),
-                        help="the exact rule's weighting (recipes: cost); magnitude rows carry ', magnitude rank'")
+                        help="the exact rule's weighting (recipes: cost; fmnist-ista-bn and fmnist-binary-gate: "
+                             "magnitude); rows whose protocol ranks by magnitude carry ', magnitude rank'")
     parser.add_argument("--budget-freeze", choices=("target", "deadline"),
                         help="freeze the dead set once the target is met (recipes) or only at the deadline; "
                              "deadline rows carry ', frozen at deadline'")
@@ -270,29 +298,12 @@ def main():
                      seed=args.seed, target_epoch_fraction=args.deadline, budget_rule=args.budget_rule,
                      stream_channels=args.stream_channels or None, rewind=args.rewind,
                      budget_freeze=args.budget_freeze, budget_rank=args.budget_rank, penalty=args.penalty)
-    paper = args.budget_rule == "paper"
     methods = list(filter(None, args.methods.split(",")))
     lengths = {protocol(method).epochs for method in methods} or {protocol("none").epochs}
     total = max(lengths)  # dense and sparse epochs of a --from-dense row together
     if args.from_dense and (len(lengths) > 1 or not 0 < args.from_dense < total):
         parser.error(f"--from-dense {args.from_dense}: needs one length of more epochs for every method's sparse "
                      f"training (the recipes give {sorted(lengths)}; set --epochs)")
-    suffix = (f"-by{args.deadline}" if args.deadline else "") + (f"-seed{args.seed}" if args.seed else "") + \
-        ("-paper" if paper else "") + ("-stream" if args.stream_channels else "") + \
-        ("-deadline" if args.budget_freeze == "deadline" else "") + \
-        ("-magnitude" if args.budget_rank == "magnitude" else "") + \
-        (f"-penalty{args.penalty:g}" if args.penalty is not None else "") + \
-        (f"-dense{args.from_dense}-{total}" if args.from_dense else "") + \
-        ({None: "", 0: "-cosine"}.get(args.rewind, f"-rewind{args.rewind}")) + \
-        (f"-ft{args.finetune_epochs}" if args.finetune_epochs else "") + \
-        (f"-e{args.epochs}" if args.epochs and not args.from_dense else "")
-    sparse_epochs = (f", dense {args.from_dense} + sparse {total - args.from_dense}" if args.from_dense else
-                     f", sparse {args.epochs}" if args.epochs else "")
-    tag = sparse_epochs + (f", budget by {args.deadline:.0%}" if args.deadline else "") + \
-        (", paper rule" if paper else "") + (", stream" if args.stream_channels else "") + \
-        (", frozen at deadline" if args.budget_freeze == "deadline" else "") + \
-        (", magnitude rank" if args.budget_rank == "magnitude" else "") + \
-        (f", penalty {args.penalty:g}" if args.penalty is not None else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_file = out / "rows.jsonl"
@@ -301,15 +312,17 @@ def main():
         jobs = []
         for reduction in map(float, args.reductions.split(",")):
             for method in methods:
+                suffix, tag = row_naming(method, args, total)
                 where = out / f"{method}-{reduction}{suffix}"
                 jobs.append((method, reduction, f"{retraining(method)}{tag}",
                              partial(prunekit_row, method, reduction, where, tag, args.from_dense)))
                 if method in args.scratch.split(","):
                     jobs += [(method, reduction, f"scratch-{b}{tag}",
                               partial(scratch_row, method, reduction, b, where, tag)) for b in "EB"]
-            for name in filter(None, args.torch_pruning.split(",")):
+            for name in filter(None, args.torch_pruning.split(",")):  # at the SSS recipe's epochs and retraining
+                sparse_epochs, tp_suffix = sparse_label(args, total), row_naming("sss", args, total)[0]
                 jobs.append((f"torch-pruning {name}", reduction, retraining("sss") + sparse_epochs,
-                             partial(torch_pruning_row, name, reduction, out / f"tp-{name}-{reduction}{suffix}",
+                             partial(torch_pruning_row, name, reduction, out / f"tp-{name}-{reduction}{tp_suffix}",
                                      sparse_epochs)))
         for method, reduction, label, job in jobs:
             if any(r["method"] == method and r["reduction_target"] == reduction and r.get("seed", 0) == args.seed

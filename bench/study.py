@@ -3,9 +3,9 @@ fine-tuned; the same pruned spec trained from scratch (E and B); Torch-Pruning a
 
 Protocol (issue "protocols"), read from recipes/fmnist-METHOD.yaml: ResNet-20 on Fashion-MNIST, first
 20k training images, full test set, SGD Nesterov 0.9, one-cycle LR 0.1, wd 5e-4, batch 128, pad-2 crop + flip.
-Sparse training from scratch with `target_macs = 1 - reduction` (SSS, binary gates, ISTA, slimming: 2 epochs;
-ε-ResNet: 10), compress, retrain (SSS, binary gates, ISTA, slimming: LR rewinding on a whole 20-epoch
-one-cycle; ε-ResNet: 5 epochs of cosine from LR 0.01), or with --rewind 0 the same epochs of cosine from 0.01.
+Sparse training from scratch with `target_macs = 1 - reduction` (2 epochs, the budget reached by the first),
+compress, retrain (LR rewinding on a whole 20-epoch one-cycle), or with --rewind 0 the same epochs of cosine from
+0.01; fmnist-ista-bn and fmnist-binary-gate rank by magnitude, fmnist-binary-gate prunes the residual stream.
 Torch-Pruning trains the plain ResNet-20 with its pruner's regularizer for the epochs of the SSS recipe, prunes
 globally in small steps until the MACs reach the budget, then retrains as that recipe does. --epochs,
 --finetune-epochs and --rewind set every row's; --budget-rank magnitude ranks by |factor| alone, unsteered.
@@ -280,8 +280,7 @@ def main():
                         help="LR rewinding on the last --finetune-epochs of a schedule this many epochs long (the "
                              "recipes': 20; rows say 'LR rewind N'); 0: cosine fine-tuning from 0.01 ('fine-tune')")
     parser.add_argument("--deadline", type=float,
-                        help="target_epoch_fraction: reach the budget by this fraction of the epochs (recipes: 0.5, "
-                             "fmnist-epsilon-resnet 0.6)")
+                        help="target_epoch_fraction: reach the budget by this fraction of the epochs (recipes: 0.5)")
     parser.add_argument("--from-dense", type=int, default=0, metavar="D",
                         help="sparse training starts from a dense run of D epochs (shared by the rows of a seed) "
                              "and lasts D epochs fewer than --epochs; rows carry ', dense D + sparse E'")

@@ -323,7 +323,8 @@ def plot_pareto(pipelines: list[tuple[Path, dict]], runs: list[Path], out: Path)
     sources = list(dict.fromkeys(p["source"] for p in points))
     panels = [("macs", "MACs (millions)", 1e6, "accuracy vs MACs")]
     if any(p["latency"] is not None for p in points):
-        panels.append(("latency", "latency of a batch of 64 on the CPU (ms)", 1.0, "accuracy vs measured latency"))
+        panels.append(("latency", "latency of a batch of 64 on the CPU (ms, faster memory format)", 1.0,
+                       "accuracy vs measured latency"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
     for ax, (key, xlabel, unit, title) in zip(axes[0], panels):
         shown = [p for p in points if p[key] is not None]

@@ -185,7 +185,7 @@ def measure_latency(model: nn.Module, input_size: tuple[int, ...], batch_size: i
 def fastest_latency(model: nn.Module, input_size: tuple[int, ...], batch_size: int = 1, **options) -> Latency:
     """The faster of the two memory formats a deployment chooses between, contiguous (NCHW) and channels_last:
     oneDNN's NHWC kernels take a pruned network's odd widths without padding them to channel blocks: on this
-    project's CPU, FM-R20 networks at half the MACs ran up to 1.6x faster in channels_last, one slower
+    project's CPU, FM-R20 networks at half the MACs ran up to 1.35x faster in channels_last, others no faster
     (bench/README.md, "Both memory formats")."""
     return min((measure_latency(model, input_size, batch_size, channels_last=layout, **options)
                 for layout in (False, True)), key=lambda latency: latency.median_ms)

@@ -218,9 +218,11 @@ class BudgetController(Callback):
                        self.metric)
 
     def _weights(self, model) -> dict:
-        """Each structure's weight in the penalty and the freeze rank: its cost weight, or 1 (`rank` magnitude)."""
-        weights = cost_weights(model, self.spec, self.input_hw, self.metric)
-        return weights if self.rank == "cost" else dict.fromkeys(weights, 1.0)
+        """Each structure's weight in the penalty and the freeze rank: its cost weight, or 1 (`rank` magnitude,
+        which needs no cost projection)."""
+        if self.rank == "magnitude":
+            return dict.fromkeys((key for _, key, _, _ in _structures(model)), 1.0)
+        return cost_weights(model, self.spec, self.input_hw, self.metric)
 
     def _set_penalty(self, trainer, value: float) -> None:
         self.penalty = value

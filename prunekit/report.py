@@ -371,7 +371,8 @@ def _layout(row: dict, which: str) -> str:
 def report_table(rows: list[dict]) -> str:
     """Accuracy (dense / sparse / compressed / final), params, MACs, latency and speed-up side by side."""
     lines = ["| method | model | dense acc | sparse acc | compressed acc | final acc | params | MACs kept | "
-             "latency b64 (ms), faster layout | speed-up over dense in its faster layout |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "latency b64 (ms), faster layout | speed-up over dense in its faster layout |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['model']} | {r['dense_acc']:.4f} | {r['sparse_acc']:.4f} | "
                      f"{r['compressed_acc']:.4f} | {r['final_acc']:.4f} | {r['params_final']:,} / "

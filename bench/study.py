@@ -5,7 +5,8 @@ Protocol (issue "protocols"), read from recipes/fmnist-METHOD.yaml: ResNet-20 on
 20k training images, full test set, SGD Nesterov 0.9, one-cycle LR 0.1, wd 5e-4, batch 128, pad-2 crop + flip.
 Sparse training from scratch with `target_macs = 1 - reduction` (2 epochs, the budget reached by the first),
 compress, retrain (LR rewinding on a whole 20-epoch one-cycle), or with --rewind 0 the same epochs of cosine from
-0.01; fmnist-ista-bn and fmnist-binary-gate rank by magnitude, fmnist-binary-gate prunes the residual stream.
+0.01; the recipes rank by magnitude, SSS's on the inner channels only, ISTA's and binary gates' with the
+residual stream.
 Torch-Pruning trains the plain ResNet-20 with its pruner's regularizer for the epochs of the SSS recipe, prunes
 globally in small steps until the MACs reach the budget, then retrains as that recipe does. --epochs,
 --finetune-epochs and --rewind set every row's; --budget-rank magnitude ranks by |factor| alone, unsteered.
@@ -14,7 +15,7 @@ Latency: batch 64, 1×28×28, dense and pruned interleaved in one process, media
     python bench/study.py --out runs/study --methods sss,ista-bn --reductions 0.3,0.5,0.7 \
         [--scratch sss] [--torch-pruning bn-scale,group-norm] [--seed 1] [--deadline 0.2] [--budget-rule paper] \
         [--stream-channels] [--rewind 0] [--finetune-epochs 10] [--budget-freeze deadline] [--from-dense 5] \
-        [--budget-rank magnitude]
+        [--budget-rank magnitude] [--sss-structures channels]
 
 Rows are appended to OUT/rows.jsonl as they finish; a row already there (same seed and deadline) is not run again.
 With several seeds of a row, the table is followed by their mean and range.
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 from prunekit.compress import CompressionError, compress_run
-from prunekit.config import SPARSE_ONLY, resolve
+from prunekit.config import SPARSE_ONLY, Config, resolve
 from prunekit.distributed import DistContext, pick_device
 from prunekit.engine import Callback, Trainer
 from prunekit.measure import count_macs, count_params, measure_latency, spec_cost
@@ -44,6 +45,7 @@ from prunekit.schedule import make_policy
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 OVERRIDES: dict = {}  # command-line changes to the recipes' protocol (smoke runs)
+SSS_DEFAULT = Config.sss_structures
 TORCH_PRUNING_REG = {"bn-scale": 1e-4, "group-norm": 1e-4}  # the issue's anchor: slimming with reg 1e-4
 
 
@@ -236,10 +238,11 @@ def row_naming(method: str, args, total: int) -> tuple[str, str]:
     rank that its resolved protocol prunes with (its recipe's own, or --stream-channels / --budget-rank)."""
     config = protocol(method)
     stream, magnitude, paper = config.stream_channels, config.budget_rank == "magnitude", args.budget_rule == "paper"
+    structures = config.sss_structures if method == "sss" and config.sss_structures != SSS_DEFAULT else ""
     suffix = (f"-by{args.deadline}" if args.deadline else "") + (f"-seed{args.seed}" if args.seed else "") + \
         ("-paper" if paper else "") + ("-stream" if stream else "") + \
         ("-deadline" if args.budget_freeze == "deadline" else "") + ("-magnitude" if magnitude else "") + \
-        (f"-penalty{args.penalty:g}" if args.penalty is not None else "") + \
+        (f"-{structures}" if structures else "") + (f"-penalty{args.penalty:g}" if args.penalty is not None else "") + \
         (f"-dense{args.from_dense}-{total}" if args.from_dense else "") + \
         ({None: "", 0: "-cosine"}.get(args.rewind, f"-rewind{args.rewind}")) + \
         (f"-ft{args.finetune_epochs}" if args.finetune_epochs else "") + \
@@ -247,7 +250,7 @@ def row_naming(method: str, args, total: int) -> tuple[str, str]:
     tag = sparse_label(args, total) + (f", budget by {args.deadline:.0%}" if args.deadline else "") + \
         (", paper rule" if paper else "") + (", stream" if stream else "") + \
         (", frozen at deadline" if args.budget_freeze == "deadline" else "") + \
-        (", magnitude rank" if magnitude else "") + \
+        (", magnitude rank" if magnitude else "") + (f", SSS on {structures}" if structures else "") + \
         (f", penalty {args.penalty:g}" if args.penalty is not None else "")
     return suffix, tag
 
@@ -274,8 +277,8 @@ def main():
                         help="the controller's rule (recipes: exact); paper rows carry ', paper rule' in their "
                              "protocol")
     parser.add_argument("--stream-channels", action="store_true",
-                        help="also prune residual-stream channels (sss, ista-bn, slimming; fmnist-binary-gate's recipe "
-                             "does already); rows whose protocol prunes the stream carry ', stream'")
+                        help="also prune residual-stream channels (sss, slimming; the recipes of ista-bn and "
+                             "binary-gate do already); rows whose protocol prunes the stream carry ', stream'")
     parser.add_argument("--rewind", type=int,
                         help="LR rewinding on the last --finetune-epochs of a schedule this many epochs long (the "
                              "recipes': 20; rows say 'LR rewind N'); 0: cosine fine-tuning from 0.01 ('fine-tune')")
@@ -287,16 +290,19 @@ def main():
     parser.add_argument("--penalty", type=float, help="the methods' penalty instead of their defaults; rows carry "
                                                       "', penalty P'")
     parser.add_argument("--budget-rank", choices=("cost", "magnitude"),
-                        help="the exact rule's weighting (recipes: cost; fmnist-ista-bn and fmnist-binary-gate: "
-                             "magnitude); rows whose protocol ranks by magnitude carry ', magnitude rank'")
+                        help="the exact rule's weighting (recipes: magnitude, except slimming's and ε-ResNet's, which "
+                             "have none); rows whose protocol ranks by magnitude carry ', magnitude rank'")
     parser.add_argument("--budget-freeze", choices=("target", "deadline"),
                         help="freeze the dead set once the target is met (recipes) or only at the deadline; "
                              "deadline rows carry ', frozen at deadline'")
+    parser.add_argument("--sss-structures", help="what SSS gates instead of its recipe's channels (e.g. channels+blocks); "
+                                                 f"rows whose SSS gates other than {SSS_DEFAULT} carry ', SSS on S'")
     args = parser.parse_args()
     OVERRIDES.update(epochs=args.epochs, finetune_epochs=args.finetune_epochs, train_subset=args.train_subset,
                      seed=args.seed, target_epoch_fraction=args.deadline, budget_rule=args.budget_rule,
                      stream_channels=args.stream_channels or None, rewind=args.rewind,
-                     budget_freeze=args.budget_freeze, budget_rank=args.budget_rank, penalty=args.penalty)
+                     budget_freeze=args.budget_freeze, budget_rank=args.budget_rank, penalty=args.penalty,
+                     sss_structures=args.sss_structures)
     methods = list(filter(None, args.methods.split(",")))
     lengths = {protocol(method).epochs for method in methods} or {protocol("none").epochs}
     total = max(lengths)  # dense and sparse epochs of a --from-dense row together

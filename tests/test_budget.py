@@ -247,7 +247,9 @@ def test_magnitude_rank_weighs_every_structure_alike_and_keeps_the_costly_stage(
     ("sss", 3, {}), ("ista-bn", 1, {}), ("ista-bn", 3, {}), ("binary-gate", 3, {}),
     ("sss", 3, {"stream_channels": True}), ("ista-bn", 3, {"round_to": 4}),
     ("binary-gate", 3, {"stream_channels": True, "round_to": 4}), ("sss", 2, {"budget_freeze": "deadline"}),
-    ("binary-gate", 3, {"stream_channels": True, "budget_rank": "magnitude"})])
+    ("binary-gate", 3, {"stream_channels": True, "budget_rank": "magnitude"}),
+    ("ista-bn", 3, {"stream_channels": True, "budget_rank": "magnitude"}),
+    ("sss", 3, {"sss_structures": "channels", "budget_rank": "magnitude"})])
 def test_budgeted_run_resumed_before_or_after_its_freeze_ends_with_identical_weights(tmp_path, method, stop_at,
                                                                                     options):
     """The optimizer groups' budget weights and the freeze's masks and floors come back from the

@@ -31,7 +31,8 @@ def tiny_setup(tmp_path, method="sss", epochs=3, callbacks=(), images=64, device
         pixels[i, 0, 2 * y:2 * y + 2, :] = 250
     data = ArrayDataset(pixels, labels, 4, "tiny")
     config = make_config({"method": method, "epochs": epochs, "lr": 0.05, "batch_size": 16, **overrides})
-    spec = TINY_RESNET if method == "epsilon-resnet" or config.stream_channels else TINY_CONVNET
+    residual = method == "epsilon-resnet" or config.stream_channels or "sss_structures" in overrides  # blocks matter
+    spec = TINY_RESNET if residual else TINY_CONVNET
     model = build(spec, gate_config(method, config), side_head_position(spec) if method == "epsilon-resnet" else None)
     parts = build_method(model, config, (1, 8, 8))
     train = BatchLoader(data, 16, train=True, mean=(0.2,), std=(0.3,), pad=1, flip=True, seed=0, device=device)

@@ -474,8 +474,8 @@ class EpsilonBudget(Callback):
                        self.metric)
 
     def _freeze(self, model) -> None:
-        """`exact`: discard for good the blocks nearest the target (the class docstring says how); `paper`: only
-        stop steering (each block keeps its ε, and the discard rule alone decides what goes)."""
+        """`exact`: discard for good the prefix of blocks nearest the target; `paper`: only stop steering
+        (each block keeps its ε, and the discard rule alone decides what goes)."""
         gates, positions = self._gated_blocks(model)
         if self.rule == "paper":
             self.frozen_epsilons = [float(gate.epsilon) for gate in gates]

@@ -191,40 +191,6 @@ def _revive_rounded(model: nn.Module, chosen: list, value, round_to: int) -> lis
     return [c for c in chosen if id(c) not in revived]
 
 
-def past_overshoot(chosen: list, overshoot: list, candidates: list, cost_of, target: int, floor: float, tail: int,
-                   inside: dict, meet_target: bool) -> tuple[int, list]:
-    """A freeze's search past an overshoot: `chosen` costs more than `target` and `chosen + overshoot` less
-    than `floor`, so the `overshoot` unit stays and up to `tail` later `candidates` (units of structures, in rank
-    order) are taken instead, each only if the cost stays at or above `floor`, until the target is met. Channels
-    of a block already taken (`inside`: channel group -> its block) cost nothing and are taken uncounted. If the
-    target is still not met, the nearer the target of that and the least overshoot seen is kept (`meet_target`,
-    as a rounded freeze must: the overshoot). Returns (cost, chosen)."""
-    best = (cost_of(chosen + overshoot), chosen + overshoot)  # the least overshoot: the nearest from below
-    chosen = list(chosen)
-    cost = cost_of(chosen)
-    gone, tried = {c[1] for c in chosen if c[0] == "block"}, 0
-    for candidate in candidates:
-        if all(inside.get(c[1]) in gone for c in candidate):  # channels of a removed block: no cost
-            chosen += candidate
-            continue
-        if tried == tail:
-            break
-        tried += 1
-        trial = cost_of(chosen + candidate)
-        if trial < floor:
-            if best[0] < trial <= target:
-                best = (trial, chosen + candidate)
-            continue  # removing it would overshoot the target: it stays
-        chosen += candidate
-        gone.update(c[1] for c in candidate if c[0] == "block")
-        cost = trial
-        if cost <= target:
-            break
-    if cost > target and (meet_target or target - best[0] < cost - target):
-        return best
-    return cost, chosen
-
-
 class BudgetController(Callback):
     """Steers a proximal method's penalty to a MACs/params target, then freezes the dead set."""
 
@@ -379,9 +345,31 @@ class BudgetController(Callback):
         chosen = prefix(high)
         cost = cost_of(chosen)
         if high and cost < self.target - self.margin * self.dense:  # its last structure overshoots
-            cost, chosen = past_overshoot(prefix(high - 1), units[high - 1], units[high:], cost_of, self.target,
-                                          self.target - self.margin * self.dense, self.tail,
-                                          _block_of_channel_groups(model), meet_target=self.round_to > 1)
+            best = (cost, chosen)  # the cheapest overshoot: the nearest the target from below
+            chosen, cost = prefix(high - 1), cost_of(prefix(high - 1))
+            inside = _block_of_channel_groups(model)
+            gone, tried = {c[1] for c in chosen if c[0] == "block"}, 0
+            for candidate in units[high:]:
+                if all(inside.get(c[1]) in gone for c in candidate):  # channels of a removed block: no cost
+                    chosen += candidate
+                    continue
+                if tried == self.tail:
+                    break
+                tried += 1
+                trial = cost_of(chosen + candidate)
+                if trial < self.target - self.margin * self.dense:
+                    if best[0] < trial <= self.target:
+                        best = (trial, chosen + candidate)
+                    continue  # removing it would overshoot the target: it stays
+                chosen += candidate
+                gone.update(c[1] for c in candidate if c[0] == "block")
+                cost = trial
+                if cost <= self.target:
+                    break
+            # the tail did not reach the target: rounded, take the nearest overshoot so that the target is met;
+            # otherwise whichever is nearer the target, that overshoot or what is left above it
+            if cost > self.target and (self.round_to > 1 or self.target - best[0] < cost - self.target):
+                cost, chosen = best
         if self.round_to > 1 and self.rule == "exact":  # `paper`: what the rule killed stays dead
             chosen = _revive_rounded(model, chosen, value, self.round_to)
         self._fix(model, [(t, i) for _, _, i, t in chosen])
@@ -433,21 +421,17 @@ class EpsilonBudget(Callback):
     """ε-ResNet under a budget. After each epoch ε is scaled by the penalty's law, steered by the cost
     projected from the blocks discarded in the last step, until that meets the target or the deadline.
     Then the dead set is frozen: blocks are taken in the order (discarded now, smallest moving-average
-    max |F(x)|) until the target is met; if the last one overshoots by more than the margin, it stays and
-    later ones that fit are taken instead (`past_overshoot`), and of that and the least overshoot the set
-    nearer the target is discarded for good (ε = ∞, moving average 1, so compression's rule removes them).
-    Every other block keeps ε = 0 and can no longer be discarded. Only whole blocks go, so the target is met
-    to within one block's cost (FM-R20: a stride-2 block's branch costs 3/4 of another block's, so a
-    set with both kinds can land nearer than the first blocks in order would).
+    max |F(x)|) and the prefix whose cost is nearest the target is discarded for good (ε = ∞, moving
+    average 1, so compression's rule removes them); every other block keeps ε = 0 and can no longer be
+    discarded. Only whole blocks go, so the target is met to within one block's cost.
 
     The configured ε is set by `EpsilonSchedule` at each epoch start; this callback, which runs after
     it, multiplies it by its learned scale (or restores the frozen per-block values).
     """
 
     def __init__(self, spec, input_hw, target: int, metric: str, reach_fraction: float, gain: float = 4.0,
-                 rule: str = "exact", freeze_at: str = "target", margin: float = 0.005):
+                 rule: str = "exact", freeze_at: str = "target"):
         self.spec, self.input_hw, self.target, self.metric, self.rule = spec, input_hw, target, metric, rule
-        self.margin = margin
         self.freeze_at = freeze_at
         self.reach_fraction, self.gain = reach_fraction, gain
         self.dense = getattr(spec_cost(spec, input_hw), metric)
@@ -482,17 +466,8 @@ class EpsilonBudget(Callback):
             return
         order = sorted(range(len(gates)),
                        key=lambda i: (-float(gates[i].is_discarded), float(gates[i].peak_average)))
-        units = [[("block", positions[i], i)] for i in order]
-
-        def cost_of(taken):
-            return self._cost(model, [position for _, position, _ in taken])
-
-        meets = next((k for k in range(len(units) + 1) if cost_of(sum(units[:k], [])) <= self.target), len(units))
-        taken = sum(units[:meets], [])
-        if meets and cost_of(taken) < self.target - self.margin * self.dense:  # its last block overshoots
-            _, taken = past_overshoot(taken[:-1], units[meets - 1], units[meets:], cost_of, self.target,
-                                      self.target - self.margin * self.dense, len(units), {}, meet_target=False)
-        chosen = {i for *_, i in taken}
+        costs = [self._cost(model, [positions[i] for i in order[:k]]) for k in range(len(order) + 1)]
+        chosen = set(order[:min(range(len(costs)), key=lambda k: (abs(costs[k] - self.target), k))])
         for i, gate in enumerate(gates):
             gate.epsilon.fill_(math.inf if i in chosen else 0.0)
             gate.dropped.fill_(i in chosen)

@@ -325,7 +325,8 @@ def main():
                     jobs += [(method, reduction, f"scratch-{b}{tag}",
                               partial(scratch_row, method, reduction, b, where, tag)) for b in "EB"]
             for name in filter(None, args.torch_pruning.split(",")):  # at the SSS recipe's epochs and retraining
-                sparse_epochs, tp_suffix = sparse_label(args, total), row_naming("sss", args, total)[0]
+                # named as the dense protocol: without the stream, rank and structures of a method's recipe
+                sparse_epochs, tp_suffix = sparse_label(args, total), row_naming("none", args, total)[0]
                 jobs.append((f"torch-pruning {name}", reduction, retraining("sss") + sparse_epochs,
                              partial(torch_pruning_row, name, reduction, out / f"tp-{name}-{reduction}{tp_suffix}",
                                      sparse_epochs)))

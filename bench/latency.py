@@ -17,6 +17,7 @@ import statistics
 from prunekit.compress import load_any
 from prunekit.measure import measure_latency, spec_cost
 from prunekit.models import build, zoo_spec
+from prunekit.spec import SpecError
 
 INPUT = (1, 28, 28)
 LAYOUTS = {"NCHW": False, "channels_last": True}
@@ -37,11 +38,16 @@ def main():
     parser.add_argument("exports", nargs="+", help="compressed export directories (spec.json + weights)")
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
+    loaded = {}
+    for path in args.exports:  # all read before any timing: a bad one is refused at once, on one line
+        try:
+            loaded[path] = load_any(path)
+        except (SpecError, OSError) as error:
+            parser.error(f"not a prunekit export or run: {error}")
     dense = build(zoo_spec("resnet20", in_channels=1)).eval()
     print("| export | MACs | dense ms NCHW / channels_last | pruned ms NCHW / channels_last | speed-up NCHW | "
           "speed-up channels_last | fastest vs fastest |\n|---|---|---|---|---|---|---|")
-    for path in args.exports:
-        model, spec = load_any(path)
+    for path, (model, spec) in loaded.items():
         ms = medians({"dense": dense, "pruned": model}, args.rounds)
         fastest = min(ms[("dense", layout)] for layout in LAYOUTS) / min(ms[("pruned", layout)] for layout in LAYOUTS)
         print(f"| {path} | {spec_cost(spec, INPUT[1:]).macs / 1e6:.2f}M | "

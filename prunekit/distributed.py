@@ -1,7 +1,6 @@
 """DistributedDataParallel set-up under `torchrun` (gloo on CPU, NCCL on GPU) and metric reduction."""
 from __future__ import annotations
 
-import atexit
 import os
 from dataclasses import dataclass
 
@@ -42,15 +41,7 @@ def init_distributed(preference: str = "auto") -> DistContext:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        atexit.register(_leave_process_group)
     return DistContext(dist.get_rank(), dist.get_world_size(), device)
-
-
-def _leave_process_group() -> None:
-    """Destroy the process group before the interpreter tears down, as torch asks: left to the group's destructor
-    at shutdown, a rank can abort (SIGABRT seen once in CI, a two-process gloo run, after all its collectives)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}

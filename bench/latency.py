@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from prunekit.checkpoint import CheckpointError
 from prunekit.compress import load_any
+from prunekit.config import ConfigError
 from prunekit.measure import measure_latency, spec_cost
 from prunekit.models import build, zoo_spec
 from prunekit.spec import SpecError
@@ -42,7 +44,7 @@ def main():
     for path in args.exports:  # all read before any timing: a bad one is refused at once, on one line
         try:
             loaded[path] = load_any(path)
-        except (SpecError, OSError) as error:
+        except (SpecError, CheckpointError, ConfigError, OSError) as error:  # as `prunekit` refuses them
             parser.error(f"not a prunekit export or run: {error}")
     dense = build(zoo_spec("resnet20", in_channels=1)).eval()
     print("| export | MACs | dense ms NCHW / channels_last | pruned ms NCHW / channels_last | speed-up NCHW | "

@@ -5,11 +5,14 @@ import torch
 import pytest
 
 from prunekit import spec as S
-from prunekit.budget import budget_callbacks, cost_weights, minimum_cost, projected_spec
+from prunekit.budget import (BudgetController, EpsilonBudget, budget_callbacks, cost_weights, minimum_cost,
+                             projected_spec)
 from prunekit.compress import compress
 from prunekit.config import ConfigError, make_config
+from prunekit.gates import GateConfig
 from prunekit.measure import count_macs, count_params, spec_cost
-from prunekit.methods import dead_structures
+from prunekit.methods import dead_structures, ista_costs
+from prunekit.models import build, zoo_spec
 from test_compress import FAMILIES, gated_model
 from test_engine import tiny_setup
 
@@ -46,9 +49,6 @@ def test_a_stream_channel_is_weighed_per_layer_it_couples():
     first convs of blocks 1-3 and of stage 2's first block (8), and live on in stages 2 (12) and 3 (6):
     20 layers. Projection shortcuts end each stretch at the next conv shortcut: 9, 8, 7. The cost
     weight is the MACs saved over half those layers, on the scale of the mean channel."""
-    from prunekit.gates import GateConfig
-    from prunekit.models import build
-
     spec = S.cifar_resnet_spec(20, in_channels=1, shortcut="pad")
     model = build(spec, GateConfig("scale", channels=True, stream=True))
     assert model.stream_layers() == [20, 12, 6]
@@ -122,8 +122,6 @@ def test_impossible_target_is_refused_up_front(tmp_path):
 
 
 def test_minimum_cost_is_stem_and_head_when_blocks_can_go():
-    from prunekit.models import zoo_spec
-
     spec = zoo_spec("resnet20", shortcut="pad", in_channels=1)
     stem_and_head = 16 * 28 * 28 * 9 + 16 * 28 * 28 + 64 * 10
     assert minimum_cost(spec, (28, 28), "macs", remove_blocks=True) == stem_and_head
@@ -181,8 +179,6 @@ def test_magnitude_rank_leaves_the_penalty_alone_until_the_deadline(tmp_path):
 def test_paper_rule_keeps_yes_cost_weights_and_what_the_rule_killed(tmp_path, rule):
     """ISTA under a budget: `paper` leaves Ye's c_l on each γ group and no per-structure budget weight, and its
     freeze keeps every γ already at 0 even past the target; `exact` swaps c_l for cost weights and revives."""
-    from prunekit.methods import ista_costs
-
     trainer = tiny_setup(tmp_path, "ista-bn", epochs=4, penalty=0.01)
     config = make_config({"method": "ista-bn", "target_macs": 0.8, "penalty": 0.01, "budget_rule": rule})
     (controller,) = budget_callbacks(trainer.model, trainer.model.spec, config, (1, 8, 8))
@@ -209,8 +205,6 @@ def test_magnitude_rank_weighs_every_structure_alike_and_keeps_the_costly_stage(
     rank scores it 0.5/4 < 0.3 and takes stage 1 first; the magnitude rank takes the 0.3s first and leaves
     stage 1 whole. Setup gives every optimizer group weight 1 (magnitude) or its cost weight (cost)."""
     from types import SimpleNamespace
-
-    from prunekit.budget import BudgetController
 
     spec, model = gated_model("resnet20", 1, "scale", seed=7)
     weights = cost_weights(model, spec, (28, 28))
@@ -352,7 +346,6 @@ def test_freeze_with_round_to_lands_on_the_target_and_compresses_to_multiples(ki
     dense MACs, within 2%, and costs what the controller projected; its logits equal the gated model's."""
     from types import SimpleNamespace
 
-    from prunekit.budget import BudgetController
     from test_compress import channel_widths
 
     spec, model = gated_model("resnet20", 1, kind, seed=7)
@@ -376,8 +369,6 @@ def test_freeze_with_round_to_lands_on_the_target_and_compresses_to_multiples(ki
 
 
 def test_round_to_raises_the_floor_and_is_validated():
-    from prunekit.models import zoo_spec
-
     spec = zoo_spec("resnet20", shortcut="pad", in_channels=1)
     assert minimum_cost(spec, (28, 28), "macs", False, round_to=8) > minimum_cost(spec, (28, 28), "macs", False)
     assert make_config({"round_to": 8}).round_to == 8
@@ -392,7 +383,6 @@ def test_freeze_ranks_stream_channels_with_the_rest_and_lands_on_the_target(roun
     half the MACs (each stretch a multiple of N), costs what it projected, and compresses exactly."""
     from types import SimpleNamespace
 
-    from prunekit.budget import BudgetController
     from test_compress import stream_model, stream_widths
 
     spec = S.cifar_resnet_spec(20, in_channels=1, shortcut="pad")
@@ -420,8 +410,6 @@ def test_freeze_meets_the_target_when_channels_of_removed_blocks_follow_an_overs
     nothing, so they no longer use up the tail of candidates; before, the freeze ended at 10,289,856 MACs
     (stages 1-2 gone, stage 3 whole) for a 9,352,684 target. Now it lands within the margin below it."""
     from types import SimpleNamespace
-
-    from prunekit.budget import BudgetController
 
     spec, model = gated_model("resnet20", 1, "scale", seed=7)
     weights = cost_weights(model, spec, (28, 28))
@@ -452,10 +440,6 @@ def test_epsilon_freeze_discards_the_prefix_in_rank_order_even_where_a_skip_woul
     block, 1,653,920 below it: the freeze discards those five (55.3% removed). Keeping the fifth and taking the
     next, stride-2, block would land nearer (52.4%), but it ranks as more needed: on FM-R20 (seed 1) that freeze
     ended 0.68 points lower (91.08% against 91.76%, bench/README.md), so the rank decides, not the distance."""
-    from prunekit.budget import EpsilonBudget
-    from prunekit.gates import GateConfig
-    from prunekit.models import build, zoo_spec
-
     spec = zoo_spec("resnet20", in_channels=1)
     model = build(spec, GateConfig("epsilon", blocks=True))
     order = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 1), (2, 0), (0, 2), (1, 2), (2, 2)]

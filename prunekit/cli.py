@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import importlib.metadata
@@ -338,11 +339,12 @@ def cmd_compress(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from .distributed import init_distributed
     from .pipeline import MAIN_JOB, run_pipeline
     from .runner import run_lock
 
     config = _config(args, MAIN_JOB)
-    with run_lock(Path(args.out)):
+    with run_lock(Path(args.out)) if init_distributed(config.device).is_main else contextlib.nullcontext():
         run_pipeline(config, args.out, resume=args.resume, force=args.force)
     return 0
 
@@ -536,11 +538,15 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError  # after parsing: --help and usage errors need no torch
     from .compress import CompressionError
     from .data import DataError
+    from .distributed import leave_process_group
     from .engine import TrainingError
     from .runner import RunDirError
 
+    finished = False
     try:
-        return args.func(args)
+        status = args.func(args)
+        finished = True
+        return status
     except (ConfigError, specs.SpecError, DataError, CheckpointError, TrainingError, RunDirError,
             CompressionError, OSError) as exc:  # OSError: a full disk or a permission problem, the file and why
         print(f"prunekit {args.command}: error: {one_line(exc)}", file=sys.stderr)
@@ -548,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"prunekit {args.command}: interrupted; resume with --resume", file=sys.stderr)
         return 130
+    finally:
+        leave_process_group(wait=finished)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,22 @@ def init_distributed(preference: str = "auto") -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), device)
 
 
+def wait_for_all(ctx: DistContext) -> None:
+    """A barrier over the ranks (nothing when running alone)."""
+    if ctx.enabled:
+        dist.barrier()
+
+
+def leave_process_group(*, wait: bool) -> None:
+    """Destroy the process group this process joined, if any, before the interpreter tears it down: left to its
+    destructor at exit, a gloo rank can abort after all its work (SIGABRT, 4 in 30 runs on a loaded machine; 0 in 30
+    with this). `wait` first waits for every rank (a run that ended normally); a failed one leaves at once."""
+    if dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 
 

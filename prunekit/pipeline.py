@@ -17,6 +17,7 @@ from pathlib import Path
 from .checkpoint import atomic_write_json, load_weights
 from .compress import compress_run
 from .config import Config, dense_config
+from .distributed import init_distributed, wait_for_all
 from .measure import fastest_latency, spec_cost
 from .protocols import export_accuracy, finetune, finetune_config
 from .report import report_table, write_report
@@ -55,8 +56,10 @@ def latency_figures(which: str, latency) -> dict:
 
 
 def run_pipeline(config: Config, out: str | Path, *, resume: bool = False, force: bool = False, log=None) -> dict:
-    """Run every stage into `out` and return the report row."""
+    """Run every stage into `out` and return the report row. Under torchrun every rank trains and fine-tunes;
+    the main one alone compresses, measures and writes the report, and the others return an empty row."""
     out = Path(out)
+    ctx = init_distributed(config.device)
     say = log or (lambda msg: print(msg, flush=True))
     start = time.perf_counter()
     make_policy(finetune_config(config))  # a fine-tuning schedule that cannot be built fails before the dense stage
@@ -68,10 +71,14 @@ def run_pipeline(config: Config, out: str | Path, *, resume: bool = False, force
     sparse = train(sparse_config(retrain), out / "sparse", resume=resume, force=force,
                    initial_weights=load_weights(out / "dense" / "final" / "model.safetensors"), log=log)
     say(f"[3/4] compressing → {out / 'compressed'}")
-    card = compress_run(out / "sparse", out / "compressed")
-    compressed_acc = export_accuracy(out / "compressed", config)
+    if ctx.is_main:
+        card = compress_run(out / "sparse", out / "compressed")
+        compressed_acc = export_accuracy(out / "compressed", config)
+    wait_for_all(ctx)  # every rank fine-tunes the export the main one wrote
     say(f"[4/4] fine-tuning the compressed model ({config.finetune_epochs} epochs) → {out / 'finetune'}")
     tuned = finetune(out / "compressed", retrain, out / "finetune", resume=resume, force=force, log=log)
+    if not ctx.is_main:
+        return {}
     size = input_size(config)
     row = {"method": config.method, "model": config.model,
            "dense_acc": dense["history"][-1]["test_acc"], "sparse_acc": sparse["history"][-1]["test_acc"],

@@ -31,7 +31,7 @@ from .checkpoint import atomic_write_json, load_weights, remove_partial_writes, 
 from .config import (Config, ConfigError, check_type, comparable, make_config, with_round_to,
                      without_inert_options)
 from .data import DATASET_STATS, BatchLoader, DataError, dataset_info, load_dataset, make_loader, split_validation
-from .distributed import DistContext, init_distributed
+from .distributed import DistContext, init_distributed, wait_for_all
 from .engine import Trainer
 from .errors import FileFormatError, one_line, read_json
 from .gates import GateConfig
@@ -241,9 +241,11 @@ def source_config(path: str | Path) -> Config | None:
     return None
 
 
-def prepare_run_dir(run_dir: Path, config: Config, *, resume: bool, force: bool, is_main: bool = True) -> None:
+def prepare_run_dir(run_dir: Path, config: Config, *, resume: bool, force: bool,
+                    ctx: DistContext = DistContext()) -> None:
     """Refuse to mix two runs in one directory unless resuming the same one; `force` (without `resume`)
-    clears the old run's artifacts first. Resuming the same run leaves its record as it was written."""
+    clears the old run's artifacts first. Resuming the same run leaves its record as it was written.
+    Under torchrun every rank checks the directory before the main one writes it, so all decide alike."""
     record = run_dir / "config.json"
     same_run = False
     if record.exists() and not force:
@@ -256,7 +258,8 @@ def prepare_run_dir(run_dir: Path, config: Config, *, resume: bool, force: bool,
         if comparable(previous) != comparable(json.loads(json.dumps(config.to_dict()))):
             raise RunDirError(f"{run_dir}: holds a run with a different configuration; use --force to overwrite")
         same_run = True
-    if not is_main:
+    wait_for_all(ctx)
+    if not ctx.is_main:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     if force and not resume:
@@ -354,7 +357,7 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, force: b
         teacher = Distillation(load_any(config.teacher)[0], config.kd_weight, config.kd_temperature)
     train_loader, eval_loaders = make_loaders(config, ctx)  # bad data is refused before the run directory is touched
     with run_lock(run_dir) if ctx.is_main else contextlib.nullcontext():
-        prepare_run_dir(run_dir, config, resume=resume, force=force, is_main=ctx.is_main)
+        prepare_run_dir(run_dir, config, resume=resume, force=force, ctx=ctx)
         parts = build_method(model, config, input_size(config))
         parts.callbacks.extend(budget + ([teacher] if teacher else []))
         # rewinding retrains given weights; a run from scratch starts its schedule at the beginning and keeps
@@ -371,4 +374,5 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, force: b
         history = trainer.fit(resume=resume)
         if ctx.is_main:
             save_final(run_dir / "final", spec, gates, trainer.model)
+        wait_for_all(ctx)  # every rank returns with final/ written, for the stage that reads it next
     return {"history": history, "spec": spec, "gates": gates, "model": trainer.model, "run_dir": run_dir}

@@ -54,6 +54,21 @@ def test_each_method_trains_and_logged_counts_match_the_gates(tmp_path, tiny_fmn
     assert card["max_logit_difference"] < 1e-4 and card["checked_on"] == ["data", "random"]
 
 
+def test_torchrun_with_two_cpu_processes_trains_leaves_cleanly_and_compresses_exactly(tmp_path, tiny_fmnist):
+    """`torchrun --nproc_per_node=2 prunekit train` on the CPU (gloo): both ranks exit 0, having left the process
+    group themselves, the global batch is logged once, and the run compresses exactly."""
+    out = tmp_path / "ddp"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "prunekit.cli", *map(str, ["train", *TINY, "--data-dir", tiny_fmnist, "--device", "cpu",
+                                                           "--method", "sss", "--target-macs", "0.5", "--out", out])],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("global batch 64 (2 processes × --batch-size 32)") == 1
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert run_cli("compress", out) == 0
+    assert json.loads((out / "compressed" / "card.json").read_text())["max_logit_difference"] < 1e-4
+
+
 @pytest.mark.parametrize("method", ["ista-bn", "slimming"])
 def test_bn_gamma_methods_at_a_budget_compress_exactly_and_score_what_they_export(tmp_path, tiny_fmnist, method):
     """The cut is exact at zero-padded borders (constant-input biases), and slimming's prune step happens

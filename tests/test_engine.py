@@ -192,7 +192,7 @@ sys.path.insert(0, os.environ["TESTS_DIR"])
 from pathlib import Path
 from test_engine import tiny_setup
 from prunekit.data import BatchLoader
-from prunekit.distributed import all_reduce, init_distributed
+from prunekit.distributed import all_reduce, init_distributed, leave_process_group
 from prunekit.engine import Trainer
 ctx = init_distributed("cpu")
 base = tiny_setup(Path(sys.argv[1]) / f"rank{ctx.rank}", "sss", epochs=2)
@@ -209,4 +209,5 @@ seen = all_reduce(torch.tensor(float(len(test.labels[ctx.rank::ctx.world_size]))
 gates = {k: v for k, v in trainer.model.state_dict().items() if "gate" in k}
 keep = [{k: v for k, v in h.items() if k not in ("train_images_per_s", "epoch_time_s")} for h in history]
 torch.save({"gates": gates, "history": keep, "test_seen": seen}, Path(sys.argv[1]) / f"rank{ctx.rank}.pt")
+leave_process_group(wait=True)
 """

@@ -1,7 +1,10 @@
 """`prunekit run` end to end on tiny data, and `prunekit report` on its output."""
 import json
 import math
+import os
 import struct
+import subprocess
+import sys
 
 from prunekit.cli import main
 from prunekit.progress import read_steps
@@ -43,6 +46,23 @@ def test_run_then_report(tmp_path, tiny_fmnist):
     teachers = {part: json.loads((out / part / "config.json").read_text())["config"]["teacher"]
                 for part in ("dense", "sparse", "finetune")}
     assert teachers == {"dense": None, "sparse": str(out / "dense"), "finetune": str(out / "dense")}
+
+
+def test_run_under_torchrun_with_two_cpu_processes_writes_one_report(tmp_path, tiny_fmnist):
+    """`torchrun --nproc_per_node=2 prunekit run` (gloo): one process holds the run's lock and writes the export
+    and the report, both ranks train every stage, and both exit 0."""
+    out = tmp_path / "main"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "prunekit.cli", "run", "--data-dir", str(tiny_fmnist), "--device", "cpu",
+                           "--epochs", "1", "--sparse-epochs", "1", "--finetune-epochs", "1", "--batch-size", "16",
+                           "--kd-weight", "0", "--out", str(out)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    row = json.loads((out / "result.json").read_text())
+    assert abs(row["macs_final"] / row["macs_dense"] - 0.5) <= 0.02 and row["max_logit_difference"] < 1e-3
+    assert done.stdout.count("| method | model | dense acc") == 1
+    for part in ("dense", "sparse", "finetune"):  # 96 images: 3 steps of 2 × 16 an epoch
+        assert len(read_steps(out / part)) == len(read_metrics(out / part)) * 3, part
 
 
 def test_run_with_stream_channels_starts_the_sparse_stage_from_the_dense_weights(tmp_path, tiny_fmnist):

@@ -60,7 +60,7 @@ def run_pipeline(config: Config, out: str | Path, *, resume: bool = False, force
     the main one alone compresses, measures and writes the report, and the others return an empty row."""
     out = Path(out)
     ctx = init_distributed(config.device)
-    say = log or (lambda msg: print(msg, flush=True))
+    say = (log or (lambda msg: print(msg, flush=True))) if ctx.is_main else (lambda msg: None)
     start = time.perf_counter()
     make_policy(finetune_config(config))  # a fine-tuning schedule that cannot be built fails before the dense stage
     say(f"[1/4] dense training ({config.model}, {config.epochs} epochs) → {out / 'dense'}")

@@ -60,7 +60,7 @@ def test_run_under_torchrun_with_two_cpu_processes_writes_one_report(tmp_path, t
     assert done.returncode == 0, done.stderr[-4000:]
     row = json.loads((out / "result.json").read_text())
     assert abs(row["macs_final"] / row["macs_dense"] - 0.5) <= 0.02 and row["max_logit_difference"] < 1e-3
-    assert done.stdout.count("| method | model | dense acc") == 1
+    assert done.stdout.count("| method | model | dense acc") == done.stdout.count("[1/4] dense training") == 1
     for part in ("dense", "sparse", "finetune"):  # 96 images: 3 steps of 2 × 16 an epoch
         assert len(read_steps(out / part)) == len(read_metrics(out / part)) * 3, part
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import importlib.metadata
@@ -341,10 +340,10 @@ def cmd_compress(args) -> int:
 def cmd_run(args) -> int:
     from .distributed import init_distributed
     from .pipeline import MAIN_JOB, run_pipeline
-    from .runner import run_lock
+    from .runner import main_rank_lock
 
     config = _config(args, MAIN_JOB)
-    with run_lock(Path(args.out)) if init_distributed(config.device).is_main else contextlib.nullcontext():
+    with main_rank_lock(Path(args.out), init_distributed(config.device)):
         run_pipeline(config, args.out, resume=args.resume, force=args.force)
     return 0
 
@@ -373,13 +372,16 @@ def cmd_scratch(args) -> int:
 
 
 def cmd_stages(args) -> int:
+    from .distributed import init_distributed
     from .protocols import multi_stage
-    from .runner import run_lock
+    from .runner import main_rank_lock
 
     config = _config(args)
-    with run_lock(Path(args.out)):
+    ctx = init_distributed(config.device)
+    with main_rank_lock(Path(args.out), ctx):
         summary = multi_stage(config, args.out, resume=args.resume, force=args.force)
-    print(json.dumps(summary, indent=1))
+    if ctx.is_main:
+        print(json.dumps(summary, indent=1))
     return 0
 
 

@@ -22,7 +22,7 @@ from . import spec as specs
 from .checkpoint import atomic_write_json
 from .compress import compress_run, load
 from .config import Config, ConfigError, dense_config
-from .distributed import DistContext, pick_device
+from .distributed import DistContext, init_distributed, pick_device, wait_for_all
 from .engine import Trainer
 from .measure import spec_cost
 from .runner import input_size, make_loaders, model_spec, train
@@ -151,22 +151,26 @@ def multi_stage(config: Config, out: str | Path, *, resume: bool = False, force:
     """Ye et al.'s multi-stage procedure: stage i trains `config.method` with ρ = stage_penalties[i] for
     stage_epochs[i] epochs at LR stage_lrs[i] (ρ = 0: plain fine-tuning) in out/stage-i, from the previous
     stage's compressed export, and is compressed into out/version-i. Returns params, MACs and test
-    accuracy per version (also written to out/summary.json)."""
+    accuracy per version (also written to out/summary.json; empty on the other ranks under torchrun)."""
     out = Path(out)
     if not config.stage_penalties:
         raise ConfigError("stage_penalties: a multi-stage run needs stage_penalties, stage_epochs and stage_lrs")
     summary, stage_config, weights = {}, config, None
+    ctx = init_distributed(config.device)
     stages = zip(config.stage_penalties, config.stage_epochs, config.stage_lrs)
     for number, (penalty, epochs, lr) in enumerate(stages, start=1):
         stage_config = dataclasses.replace(stage_config, penalty=penalty, epochs=int(epochs), lr=lr, rewind=None,
                                            stage_penalties=[], stage_epochs=[], stage_lrs=[])  # each its own LR
         run_dir, version = out / f"stage-{number}", out / f"version-{number}"
         train(stage_config, run_dir, resume=resume, force=force, initial_weights=weights, log=log)
-        card = compress_run(run_dir, version)
-        summary[version.name] = {"penalty": penalty, "params": card["params_after"], "macs": card["macs_after"],
-                                 "test_acc": export_accuracy(version, stage_config)}
+        if ctx.is_main:  # under torchrun one rank compresses; every rank trains the next stage from its export
+            card = compress_run(run_dir, version)
+            summary[version.name] = {"penalty": penalty, "params": card["params_after"],
+                                     "macs": card["macs_after"], "test_acc": export_accuracy(version, stage_config)}
+        wait_for_all(ctx)
         # The next stage starts from this export; γ was already rescaled (if asked) in stage 1.
         stage_config = dataclasses.replace(stage_config, model=str(_spec_path(version)), gamma_rescale=1.0, init=None)
         weights = load(version).state_dict()
-    atomic_write_json(out / "summary.json", summary)
+    if ctx.is_main:
+        atomic_write_json(out / "summary.json", summary)
     return summary

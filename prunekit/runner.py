@@ -69,6 +69,11 @@ def run_lock(run_dir: Path):
         os.close(fd)
 
 
+def main_rank_lock(run_dir: Path, ctx: DistContext):
+    """`run_lock` held by the process that writes: the main rank (under torchrun the others write nothing)."""
+    return run_lock(run_dir) if ctx.is_main else contextlib.nullcontext()
+
+
 def check_device(preference: str) -> None:
     """Refuse a device this machine does not have, before anything is built on it."""
     kind, _, index = preference.partition(":")
@@ -356,7 +361,7 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, force: b
 
         teacher = Distillation(load_any(config.teacher)[0], config.kd_weight, config.kd_temperature)
     train_loader, eval_loaders = make_loaders(config, ctx)  # bad data is refused before the run directory is touched
-    with run_lock(run_dir) if ctx.is_main else contextlib.nullcontext():
+    with main_rank_lock(run_dir, ctx):
         prepare_run_dir(run_dir, config, resume=resume, force=force, ctx=ctx)
         parts = build_method(model, config, input_size(config))
         parts.callbacks.extend(budget + ([teacher] if teacher else []))

@@ -54,19 +54,37 @@ def test_each_method_trains_and_logged_counts_match_the_gates(tmp_path, tiny_fmn
     assert card["max_logit_difference"] < 1e-4 and card["checked_on"] == ["data", "random"]
 
 
-def test_torchrun_with_two_cpu_processes_trains_leaves_cleanly_and_compresses_exactly(tmp_path, tiny_fmnist):
-    """`torchrun --nproc_per_node=2 prunekit train` on the CPU (gloo): both ranks exit 0, having left the process
-    group themselves, the global batch is logged once, and the run compresses exactly."""
-    out = tmp_path / "ddp"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "prunekit.cli", *map(str, ["train", *TINY, "--data-dir", tiny_fmnist, "--device", "cpu",
-                                                           "--method", "sss", "--target-macs", "0.5", "--out", out])],
+def torchrun_cli(*args) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=2 prunekit ARGS` on the CPU (gloo), one thread a process."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "prunekit.cli", *map(str, args)],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_with_two_cpu_processes_trains_leaves_cleanly_and_compresses_exactly(tmp_path, tiny_fmnist):
+    """`torchrun --nproc_per_node=2 prunekit train`: both ranks exit 0, having left the process group themselves,
+    the global batch is logged once, and the run compresses exactly."""
+    out = tmp_path / "ddp"
+    done = torchrun_cli("train", *TINY, "--data-dir", tiny_fmnist, "--device", "cpu", "--method", "sss",
+                        "--target-macs", "0.5", "--out", out)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("global batch 64 (2 processes × --batch-size 32)") == 1
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert run_cli("compress", out) == 0
     assert json.loads((out / "compressed" / "card.json").read_text())["max_logit_difference"] < 1e-4
+
+
+def test_torchrun_multi_stage_compresses_each_stage_once_and_trains_the_next_on_every_rank(tmp_path, tiny_fmnist):
+    """`torchrun --nproc_per_node=2 prunekit stages`: the main rank holds the lock, compresses each stage and writes
+    the summary; every rank trains stage 2 from version 1."""
+    out = tmp_path / "stages"
+    done = torchrun_cli("stages", *TINY, "--data-dir", tiny_fmnist, "--device", "cpu", "--method", "ista-bn",
+                        "--stage-penalties", "0.01", "0", "--stage-epochs", "1", "1", "--stage-lrs", "0.05", "0.01",
+                        "--out", out)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["version-1", "version-2"] and done.stdout.count('"version-2"') == 1
+    assert json.loads((out / "stage-2" / "config.json").read_text())["config"]["model"].endswith("spec.json")
 
 
 @pytest.mark.parametrize("method", ["ista-bn", "slimming"])

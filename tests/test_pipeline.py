@@ -1,14 +1,12 @@
 """`prunekit run` end to end on tiny data, and `prunekit report` on its output."""
 import json
 import math
-import os
 import struct
-import subprocess
-import sys
 
 from prunekit.cli import main
 from prunekit.progress import read_steps
 from prunekit.report import read_metrics
+from test_cli import torchrun_cli
 
 
 def test_run_then_report(tmp_path, tiny_fmnist):
@@ -52,11 +50,8 @@ def test_run_under_torchrun_with_two_cpu_processes_writes_one_report(tmp_path, t
     """`torchrun --nproc_per_node=2 prunekit run` (gloo): one process holds the run's lock and writes the export
     and the report, both ranks train every stage, and both exit 0."""
     out = tmp_path / "main"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "prunekit.cli", "run", "--data-dir", str(tiny_fmnist), "--device", "cpu",
-                           "--epochs", "1", "--sparse-epochs", "1", "--finetune-epochs", "1", "--batch-size", "16",
-                           "--kd-weight", "0", "--out", str(out)],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    done = torchrun_cli("run", "--data-dir", tiny_fmnist, "--device", "cpu", "--epochs", 1, "--sparse-epochs", 1,
+                        "--finetune-epochs", 1, "--batch-size", 16, "--kd-weight", 0, "--out", out)
     assert done.returncode == 0, done.stderr[-4000:]
     row = json.loads((out / "result.json").read_text())
     assert abs(row["macs_final"] / row["macs_dense"] - 0.5) <= 0.02 and row["max_logit_difference"] < 1e-3

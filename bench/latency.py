@@ -5,7 +5,8 @@ bench/study.py times each row as it finishes, often beside other training proces
 format; this times finished exports again, interleaved with the dense network, in NCHW and in channels_last:
 oneDNN's NHWC kernels take odd channel counts without padding them to channel blocks, so a thin pruned network
 can gain more from channels_last than the dense one. "Fastest" compares each network in its own faster format,
-as a deployment would run it (`prunekit.measure.fastest_latency`, which `prunekit run` reports).
+as a deployment would run it (`prunekit.measure.fastest_latency`, which `prunekit run` reports). Each speed-up
+is the median over rounds of the ratio within a round, with its quartiles in brackets.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/latency.py runs/study/*/compressed [--rounds 7]
 """
@@ -25,14 +26,19 @@ INPUT = (1, 28, 28)
 LAYOUTS = {"NCHW": False, "channels_last": True}
 
 
-def medians(networks: dict, rounds: int) -> dict:
-    """(network, layout) -> median over `rounds` of each round's median batch-64 latency, all interleaved."""
-    times = {(name, layout): [] for name in networks for layout in LAYOUTS}
-    for _ in range(rounds):
-        for name, network in networks.items():
-            for layout, channels_last in LAYOUTS.items():
-                times[(name, layout)].append(measure_latency(network, INPUT, 64, channels_last=channels_last).median_ms)
-    return {key: statistics.median(values) for key, values in times.items()}
+def round_times(networks: dict, rounds: int) -> list[dict]:
+    """Per round, (network, layout) -> median batch-64 latency, every network and layout interleaved."""
+    return [{(name, layout): measure_latency(network, INPUT, 64, channels_last=channels_last).median_ms
+             for name, network in networks.items() for layout, channels_last in LAYOUTS.items()}
+            for _ in range(rounds)]
+
+
+def paired(rounds: list[dict], speedup) -> str:
+    """Median and quartiles over rounds of `speedup(round)`: each ratio is taken within one round, so that a
+    machine slowing down between rounds moves dense and pruned alike."""
+    ratios = sorted(speedup(r) for r in rounds)
+    low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return f"{statistics.median(ratios):.2f}x ({low:.2f}–{high:.2f})"
 
 
 def main():
@@ -50,14 +56,15 @@ def main():
     print("| export | MACs | dense ms NCHW / channels_last | pruned ms NCHW / channels_last | speed-up NCHW | "
           "speed-up channels_last | fastest vs fastest |\n|---|---|---|---|---|---|---|")
     for path, (model, spec) in loaded.items():
-        ms = medians({"dense": dense, "pruned": model}, args.rounds)
-        fastest = min(ms[("dense", layout)] for layout in LAYOUTS) / min(ms[("pruned", layout)] for layout in LAYOUTS)
+        rounds = round_times({"dense": dense, "pruned": model}, args.rounds)
+        ms = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
         print(f"| {path} | {spec_cost(spec, INPUT[1:]).macs / 1e6:.2f}M | "
               f"{ms[('dense', 'NCHW')]:.1f} / {ms[('dense', 'channels_last')]:.1f} | "
               f"{ms[('pruned', 'NCHW')]:.1f} / {ms[('pruned', 'channels_last')]:.1f} | "
-              + " | ".join(f"{ms[('dense', layout)] / ms[('pruned', layout)]:.2f}x" for layout in LAYOUTS)
-              + f" | {fastest:.2f}x |", flush=True)
-
+              + " | ".join(paired(rounds, lambda r, layout=layout: r[("dense", layout)] / r[("pruned", layout)])
+                           for layout in LAYOUTS)
+              + " | " + paired(rounds, lambda r: min(r[("dense", layout)] for layout in LAYOUTS)
+                               / min(r[("pruned", layout)] for layout in LAYOUTS)) + " |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -237,11 +237,12 @@ def row_naming(method: str, args, total: int) -> tuple[str, str]:
     """(directory suffix, label tag) of a method's rows: the command line's changes, and the residual stream and the
     rank that its resolved protocol prunes with (its recipe's own, or --stream-channels / --budget-rank)."""
     config = protocol(method)
-    stream, magnitude, paper = config.stream_channels, config.budget_rank == "magnitude", args.budget_rule == "paper"
+    stream, rank, paper = config.stream_channels, config.budget_rank, args.budget_rule == "paper"
+    rank = rank if rank != "cost" else ""
     structures = config.sss_structures if method == "sss" and config.sss_structures != SSS_DEFAULT else ""
     suffix = (f"-by{args.deadline}" if args.deadline else "") + (f"-seed{args.seed}" if args.seed else "") + \
         ("-paper" if paper else "") + ("-stream" if stream else "") + \
-        ("-deadline" if args.budget_freeze == "deadline" else "") + ("-magnitude" if magnitude else "") + \
+        ("-deadline" if args.budget_freeze == "deadline" else "") + (f"-{rank}" if rank else "") + \
         (f"-{structures}" if structures else "") + (f"-penalty{args.penalty:g}" if args.penalty is not None else "") + \
         (f"-dense{args.from_dense}-{total}" if args.from_dense else "") + \
         ({None: "", 0: "-cosine"}.get(args.rewind, f"-rewind{args.rewind}")) + \
@@ -250,7 +251,7 @@ def row_naming(method: str, args, total: int) -> tuple[str, str]:
     tag = sparse_label(args, total) + (f", budget by {args.deadline:.0%}" if args.deadline else "") + \
         (", paper rule" if paper else "") + (", stream" if stream else "") + \
         (", frozen at deadline" if args.budget_freeze == "deadline" else "") + \
-        (", magnitude rank" if magnitude else "") + (f", SSS on {structures}" if structures else "") + \
+        (f", {rank} rank" if rank else "") + (f", SSS on {structures}" if structures else "") + \
         (f", penalty {args.penalty:g}" if args.penalty is not None else "")
     return suffix, tag
 
@@ -289,9 +290,9 @@ def main():
                              "and lasts D epochs fewer than --epochs; rows carry ', dense D + sparse E'")
     parser.add_argument("--penalty", type=float, help="the methods' penalty instead of their defaults; rows carry "
                                                       "', penalty P'")
-    parser.add_argument("--budget-rank", choices=("cost", "magnitude"),
+    parser.add_argument("--budget-rank", choices=("cost", "magnitude", "normalized"),
                         help="the exact rule's weighting (recipes: magnitude, except slimming's and ε-ResNet's, which "
-                             "have none); rows whose protocol ranks by magnitude carry ', magnitude rank'")
+                             "have none); rows whose protocol ranks by magnitude carry ', magnitude rank' (normalized: ', normalized rank')")
     parser.add_argument("--budget-freeze", choices=("target", "deadline"),
                         help="freeze the dead set once the target is met (recipes) or only at the deadline; "
                              "deadline rows carry ', frozen at deadline'")

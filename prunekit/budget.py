@@ -22,6 +22,10 @@ the deadline (or when the method's own rule meets the target) ranks by |factor| 
 global threshold does: channels go where they matter least, not where they save the most, so every stage keeps
 width and the network keeps its depth, as Torch-Pruning leaves it. (Steered, a uniform penalty empties the first
 stage first: FM-R20 SSS froze in epoch 1 with inner widths 0 2 0 | 0 5 32 | 64 64 64.)
+`budget_rank="normalized"` (ours) is the magnitude rank with each |factor| divided by the mean |factor| of its
+own layer (channel group or stream group), as Torch-Pruning's GroupNormPruner normalizes each group's importance
+by its mean before its global ranking: a layer whose factors are all small is not emptied first, and the budget
+takes channels from every layer in proportion to how uneven the layer's factors are.
 
 With `budget_rule="paper"` the controller steers only the paper's own knob (γ for
 SSS and binary gates, ρ with Ye's per-layer c_l for ISTA, ε for ε-ResNet): every structure shares
@@ -220,7 +224,7 @@ class BudgetController(Callback):
     def _weights(self, model) -> dict:
         """Each structure's weight in the penalty and the freeze rank: its cost weight, or 1 (`rank` magnitude,
         which needs no cost projection)."""
-        if self.rank == "magnitude":
+        if self.rank != "cost":
             return dict.fromkeys((key for _, key, _, _ in _structures(model)), 1.0)
         return cost_weights(model, self.spec, self.input_hw, self.metric)
 
@@ -266,7 +270,7 @@ class BudgetController(Callback):
         if reached or t >= self.reach_fraction:
             self.freeze(trainer)
             return
-        if self.rank == "magnitude":  # not steered: a steered uniform penalty zeroes the first stage first
+        if self.rank != "cost":  # not steered: a steered uniform penalty zeroes the first stage first
             return
         ramp = 1 - (1 - self.target / self.dense) * min(t / self.reach_fraction, 1.0)
         error = self.projected / self.dense - ramp
@@ -306,6 +310,12 @@ class BudgetController(Callback):
             ranked = sorted((c for c in structures if not removed_by_paper(c)), key=score)
         else:
             weights = self._weights(model)
+            if self.rank == "normalized":  # each layer's mean |factor| (0: the layer is dead already, score 0)
+                totals: dict = {}
+                for c in structures:
+                    total, count = totals.get(c[1], (0.0, 0))
+                    totals[c[1]] = (total + abs(value(c)), count + 1)
+                weights = {key: total / count or 1.0 for key, (total, count) in totals.items()}
 
             def score(c):
                 return abs(value(c)) / weights[c[1]]

@@ -99,7 +99,8 @@ OPTION_HELP = {
     "budget_rank": "with a target and the exact rule, for sss, binary-gate and ista-bn: cost (each structure's "
                    "penalty, steered, and freeze rank weighted by the MACs it saves: fast, shallower networks) or "
                    "magnitude (the method's own penalty, unsteered; the freeze at the deadline ranks |factor| alone, "
-                   "as slimming does: every stage keeps width and depth)",
+                   "as slimming does: every stage keeps width and depth) or normalized (magnitude, each |factor| "
+                   "over its layer's mean, as Torch-Pruning's GroupNorm ranks: channels from every layer)",
     "round_to": "kept widths are multiples of N (or the full width); the budget counts the rounded widths "
                 "(default: 8 on a CUDA device, 1 elsewhere)",
     "stream_channels": "also prune residual-stream channels (one factor per channel, shared by every block of its "

@@ -105,7 +105,7 @@ METHODS = ("none", "sss", "binary-gate", "ista-bn", "slimming", "epsilon-resnet"
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "digits", "imagenet")  # = prunekit.data's
 CHOICES = {"schedule": SCHEDULES, "on_nan": ("stop", "skip"), "discard_rule": ("average", "weights", "majority"),
            "budget_rule": ("exact", "paper"), "budget_freeze": ("target", "deadline"),
-           "budget_rank": ("cost", "magnitude"), "method": METHODS,
+           "budget_rank": ("cost", "magnitude", "normalized"), "method": METHODS,
            "data": DATASETS}
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,2})?")
 
@@ -269,11 +269,15 @@ def make_config(values: dict, source: str = "config") -> Config:
     if config.stream_channels and config.method in ("none", "epsilon-resnet"):
         raise ConfigError(f"{source}: stream_channels: a channel method prunes the stream (sss, binary-gate, ista-bn, "
                           f"slimming), not {_show(config.method)}")
-    if config.budget_rank == "magnitude" and (config.budget_rule == "paper"
-                                              or config.method not in ("sss", "binary-gate", "ista-bn")):
-        raise ConfigError(f"{source}: budget_rank: magnitude applies to the exact rule's sss, binary-gate and ista-bn "
-                          f"(slimming ranks by magnitude already, the paper rule by its own knob), not "
+    if config.budget_rank != "cost" and (config.budget_rule == "paper"
+                                         or config.method not in ("sss", "binary-gate", "ista-bn")):
+        raise ConfigError(f"{source}: budget_rank: {config.budget_rank} applies to the exact rule's sss, binary-gate "
+                          f"and ista-bn (slimming ranks by magnitude already, the paper rule by its own knob), not "
                           f"{_show(config.method)} with the {config.budget_rule} rule")
+    if config.budget_rank == "normalized" and config.method == "sss" and config.sss_structures != "channels":
+        raise ConfigError(f"{source}: budget_rank: normalized ranks channels within their layer; it needs "
+                          f"sss_structures: channels, not {_show(config.sss_structures)} (a block or group is alone "
+                          f"in its kind, so its normalized factor says nothing)")
     if config.extra_data and config.data != "svhn":
         raise ConfigError(f"{source}: extra_data: only SVHN has an extra split, not {_show(config.data)}")
     if config.nesterov and config.momentum == 0:

@@ -237,6 +237,48 @@ def test_magnitude_rank_weighs_every_structure_alike_and_keeps_the_costly_stage(
     assert budget_weights == {1.0} if rank == "magnitude" else len(budget_weights) > 1
 
 
+@pytest.mark.parametrize("rank", ["magnitude", "normalized"])
+def test_normalized_rank_takes_channels_from_every_layer_in_proportion(rank):
+    """FM-R20 under ISTA, each layer's γ a ramp k/w (k = 1..w) and stage 1's ten times larger. The magnitude rank
+    takes the small γ of stages 2 and 3 and leaves stage 1 whole; the normalized rank divides by the layer's mean
+    (w + 1)/(2w), so channel k of every layer scores 2k/(w + 1) and each layer loses about the same fraction."""
+    from types import SimpleNamespace
+
+    spec, model = gated_model("resnet20", 1, "bn", seed=7)
+    with torch.no_grad():
+        for g in model.channel_groups():
+            ramp = torch.arange(1, g.bn.num_features + 1) / g.bn.num_features
+            g.bn.weight.copy_(ramp[torch.randperm(len(ramp))] * (10 if g.name.startswith("layer1") else 1))
+    before = {g.name: g.bn.weight.detach().clone() for g in model.channel_groups()}
+    dense = spec_cost(spec, (28, 28)).macs
+    controller = BudgetController(spec, "ista-bn", (28, 28), int(0.8 * dense), "macs", 0.6, 0.0, rank=rank)
+    controller.freeze(SimpleNamespace(model=model, optimizers=[]))
+    dead = dead_structures(model, "ista-bn")
+    fractions = {name: float(mask.float().mean()) for name, mask in dead.channels.items()}
+    stage1 = [f for name, f in fractions.items() if name.startswith("layer1")]
+    if rank == "magnitude":
+        assert max(stage1) == 0 < max(fractions.values())
+    else:
+        assert min(fractions.values()) > 0 and max(fractions.values()) - min(fractions.values()) <= 1 / 8
+        for name, mask in dead.channels.items():  # within a layer the smallest γ went
+            assert before[name][mask].max() < before[name][~mask].min()
+    assert controller.projected <= int(0.8 * dense)
+    compressed = compress(model, spec, dead)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(compressed.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_normalized_rank_refuses_sss_blocks_and_the_paper_rule():
+    """A whole block is alone in its kind, so a normalized factor cannot rank it; the paper rule has its own knob."""
+    with pytest.raises(ConfigError, match="sss_structures: channels"):
+        make_config({"method": "sss", "target_macs": 0.5, "budget_rank": "normalized"})
+    with pytest.raises(ConfigError, match="budget_rank: normalized applies to the exact rule"):
+        make_config({"method": "ista-bn", "target_macs": 0.5, "budget_rank": "normalized", "budget_rule": "paper"})
+    assert make_config({"method": "sss", "sss_structures": "channels", "budget_rank": "normalized"}).budget_rank == \
+        "normalized"
+
+
 @pytest.mark.parametrize("method, stop_at, options", [
     ("sss", 3, {}), ("ista-bn", 1, {}), ("ista-bn", 3, {}), ("binary-gate", 3, {}),
     ("sss", 3, {"stream_channels": True}), ("ista-bn", 3, {"round_to": 4}),

@@ -13,17 +13,29 @@ is the median over rounds of the ratio within a round, with its quartiles in bra
 from __future__ import annotations
 
 import argparse
+import pickle
 import statistics
+
+import torch
 
 from prunekit.checkpoint import CheckpointError
 from prunekit.compress import load_any
 from prunekit.config import ConfigError
-from prunekit.measure import measure_latency, spec_cost
+from prunekit.measure import count_macs, measure_latency
 from prunekit.models import build, zoo_spec
 from prunekit.spec import SpecError
 
 INPUT = (1, 28, 28)
 LAYOUTS = {"NCHW": False, "channels_last": True}
+
+
+def load_module(path: str) -> torch.nn.Module:
+    """A whole model pickled with `torch.save(model)` (Torch-Pruning's rows: no spec describes its network). Only
+    for files this project's benchmarks wrote: unpickling runs code."""
+    model = torch.load(path, weights_only=False, map_location="cpu")
+    if not isinstance(model, torch.nn.Module):
+        raise pickle.UnpicklingError(f"{path}: holds a {type(model).__name__}, not a model")
+    return model.eval()
 
 
 def round_times(networks: dict, rounds: int) -> list[dict]:
@@ -43,28 +55,30 @@ def paired(rounds: list[dict], speedup) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("exports", nargs="+", help="compressed export directories (spec.json + weights)")
+    parser.add_argument("exports", nargs="+", help="compressed export directories (spec.json + weights), or "
+                                                   "Torch-Pruning rows' pruned-model.pt (bench/study.py)")
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     loaded = {}
     for path in args.exports:  # all read before any timing: a bad one is refused at once, on one line
         try:
-            loaded[path] = load_any(path)
-        except (SpecError, CheckpointError, ConfigError, OSError) as error:  # as `prunekit` refuses them
-            parser.error(f"not a prunekit export or run: {error}")
+            loaded[path] = load_module(path) if path.endswith(".pt") else load_any(path)[0]
+        except (SpecError, CheckpointError, ConfigError, OSError, pickle.UnpicklingError) as error:
+            parser.error(f"not a prunekit export or run, nor a whole pickled model: {error}")
     dense = build(zoo_spec("resnet20", in_channels=1)).eval()
     print("| export | MACs | dense ms NCHW / channels_last | pruned ms NCHW / channels_last | speed-up NCHW | "
           "speed-up channels_last | fastest vs fastest |\n|---|---|---|---|---|---|---|")
-    for path, (model, spec) in loaded.items():
+    for path, model in loaded.items():
         rounds = round_times({"dense": dense, "pruned": model}, args.rounds)
         ms = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
-        print(f"| {path} | {spec_cost(spec, INPUT[1:]).macs / 1e6:.2f}M | "
+        print(f"| {path} | {count_macs(model, INPUT) / 1e6:.2f}M | "
               f"{ms[('dense', 'NCHW')]:.1f} / {ms[('dense', 'channels_last')]:.1f} | "
               f"{ms[('pruned', 'NCHW')]:.1f} / {ms[('pruned', 'channels_last')]:.1f} | "
               + " | ".join(paired(rounds, lambda r, layout=layout: r[("dense", layout)] / r[("pruned", layout)])
                            for layout in LAYOUTS)
               + " | " + paired(rounds, lambda r: min(r[("dense", layout)] for layout in LAYOUTS)
                                / min(r[("pruned", layout)] for layout in LAYOUTS)) + " |", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ Latency: batch 64, 1×28×28, dense and pruned interleaved in one process, media
     python bench/study.py --out runs/study --methods sss,ista-bn --reductions 0.3,0.5,0.7 \
         [--scratch sss] [--torch-pruning bn-scale,group-norm] [--seed 1] [--deadline 0.2] [--budget-rule paper] \
         [--stream-channels] [--rewind 0] [--finetune-epochs 10] [--budget-freeze deadline] [--from-dense 5] \
-        [--budget-rank magnitude] [--sss-structures channels]
+        [--budget-rank magnitude|normalized] [--sss-structures channels] [--model resnet56]
 
 Rows are appended to OUT/rows.jsonl as they finish; a row already there (same seed and deadline) is not run again.
 With several seeds of a row, the table is followed by their mean and range.
@@ -241,7 +241,7 @@ def row_naming(method: str, args, total: int) -> tuple[str, str]:
     stream, rank, paper = config.stream_channels, config.budget_rank, args.budget_rule == "paper"
     rank = rank if rank != "cost" else ""
     structures = config.sss_structures if method == "sss" and config.sss_structures != SSS_DEFAULT else ""
-    suffix = (f"-by{args.deadline}" if args.deadline else "") + (f"-seed{args.seed}" if args.seed else "") + \
+    suffix = (f"-{args.model}" if args.model else "") + (f"-by{args.deadline}" if args.deadline else "") + (f"-seed{args.seed}" if args.seed else "") + \
         ("-paper" if paper else "") + ("-stream" if stream else "") + \
         ("-deadline" if args.budget_freeze == "deadline" else "") + (f"-{rank}" if rank else "") + \
         (f"-{structures}" if structures else "") + (f"-penalty{args.penalty:g}" if args.penalty is not None else "") + \
@@ -249,7 +249,7 @@ def row_naming(method: str, args, total: int) -> tuple[str, str]:
         ({None: "", 0: "-cosine"}.get(args.rewind, f"-rewind{args.rewind}")) + \
         (f"-ft{args.finetune_epochs}" if args.finetune_epochs else "") + \
         (f"-e{args.epochs}" if args.epochs and not args.from_dense else "")
-    tag = sparse_label(args, total) + (f", budget by {args.deadline:.0%}" if args.deadline else "") + \
+    tag = (f", {args.model}" if args.model else "") + sparse_label(args, total) + (f", budget by {args.deadline:.0%}" if args.deadline else "") + \
         (", paper rule" if paper else "") + (", stream" if stream else "") + \
         (", frozen at deadline" if args.budget_freeze == "deadline" else "") + \
         (f", {rank} rank" if rank else "") + (f", SSS on {structures}" if structures else "") + \
@@ -275,6 +275,8 @@ def main():
     parser.add_argument("--finetune-epochs", type=int, help="retraining epochs instead of the recipes'")
     parser.add_argument("--train-subset", type=int, help="instead of the recipes' 20000")
     parser.add_argument("--seed", type=int, default=0, help="initialization and data order (the recipes': 0)")
+    parser.add_argument("--model", help="a zoo model instead of the recipes' resnet20 (e.g. resnet56), for every row "
+                                        "and the dense network the speed-ups are measured against")
     parser.add_argument("--budget-rule", choices=("exact", "paper"),
                         help="the controller's rule (recipes: exact); paper rows carry ', paper rule' in their "
                              "protocol")
@@ -304,7 +306,7 @@ def main():
                      seed=args.seed, target_epoch_fraction=args.deadline, budget_rule=args.budget_rule,
                      stream_channels=args.stream_channels or None, rewind=args.rewind,
                      budget_freeze=args.budget_freeze, budget_rank=args.budget_rank, penalty=args.penalty,
-                     sss_structures=args.sss_structures)
+                     sss_structures=args.sss_structures, model=args.model)
     methods = list(filter(None, args.methods.split(",")))
     lengths = {protocol(method).epochs for method in methods} or {protocol("none").epochs}
     total = max(lengths)  # dense and sparse epochs of a --from-dense row together
@@ -328,7 +330,8 @@ def main():
                               partial(scratch_row, method, reduction, b, where, tag)) for b in "EB"]
             for name in filter(None, args.torch_pruning.split(",")):  # at the SSS recipe's epochs and retraining
                 # named as the dense protocol: without the stream, rank and structures of a method's recipe
-                sparse_epochs, tp_suffix = sparse_label(args, total), row_naming("none", args, total)[0]
+                sparse_epochs = (f", {args.model}" if args.model else "") + sparse_label(args, total)
+                tp_suffix = row_naming("none", args, total)[0]
                 jobs.append((f"torch-pruning {name}", reduction, retraining("sss") + sparse_epochs,
                              partial(torch_pruning_row, name, reduction, out / f"tp-{name}-{reduction}{tp_suffix}",
                                      sparse_epochs)))

@@ -222,8 +222,8 @@ class BudgetController(Callback):
                        self.metric)
 
     def _weights(self, model) -> dict:
-        """Each structure's weight in the penalty and the freeze rank: its cost weight, or 1 (`rank` magnitude,
-        which needs no cost projection)."""
+        """Each structure's weight in the penalty and the freeze rank: its cost weight, or 1 (`rank` magnitude and
+        normalized, which need no cost projection; normalized divides by the layer's mean |factor| at the freeze)."""
         if self.rank != "cost":
             return dict.fromkeys((key for _, key, _, _ in _structures(model)), 1.0)
         return cost_weights(model, self.spec, self.input_hw, self.metric)
@@ -280,7 +280,7 @@ class BudgetController(Callback):
     @torch.no_grad()
     def freeze(self, trainer) -> None:
         """Choose the dead set that meets the target, zero it, and stop the penalty. `exact` ranks every
-        structure by |factor| / cost weight (`rank` magnitude: by |factor|); `paper` keeps what the paper's rule
+        structure by |factor| / cost weight (`rank` magnitude: by |factor|; normalized: by |factor| / its layer's mean); `paper` keeps what the paper's rule
         killed (factor 0, or a binary gate off) and, if the target is not met yet, adds structures by ascending
         |factor|.
 

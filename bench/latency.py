@@ -48,7 +48,7 @@ def round_times(networks: dict, rounds: int) -> list[dict]:
 def paired(rounds: list[dict], speedup) -> str:
     """Median and quartiles over rounds of `speedup(round)`: each ratio is taken within one round, so that a
     machine slowing down between rounds moves dense and pruned alike."""
-    ratios = sorted(speedup(r) for r in rounds)
+    ratios = [speedup(r) for r in rounds]
     low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     return f"{statistics.median(ratios):.2f}x ({low:.2f}–{high:.2f})"
 

@@ -241,15 +241,15 @@ def row_naming(method: str, args, total: int) -> tuple[str, str]:
     stream, rank, paper = config.stream_channels, config.budget_rank, args.budget_rule == "paper"
     rank = rank if rank != "cost" else ""
     structures = config.sss_structures if method == "sss" and config.sss_structures != SSS_DEFAULT else ""
-    suffix = (f"-{args.model}" if args.model else "") + (f"-by{args.deadline}" if args.deadline else "") + (f"-seed{args.seed}" if args.seed else "") + \
-        ("-paper" if paper else "") + ("-stream" if stream else "") + \
+    suffix = (f"-{args.model}" if args.model else "") + (f"-by{args.deadline}" if args.deadline else "") + \
+        (f"-seed{args.seed}" if args.seed else "") + ("-paper" if paper else "") + ("-stream" if stream else "") + \
         ("-deadline" if args.budget_freeze == "deadline" else "") + (f"-{rank}" if rank else "") + \
         (f"-{structures}" if structures else "") + (f"-penalty{args.penalty:g}" if args.penalty is not None else "") + \
         (f"-dense{args.from_dense}-{total}" if args.from_dense else "") + \
         ({None: "", 0: "-cosine"}.get(args.rewind, f"-rewind{args.rewind}")) + \
         (f"-ft{args.finetune_epochs}" if args.finetune_epochs else "") + \
         (f"-e{args.epochs}" if args.epochs and not args.from_dense else "")
-    tag = (f", {args.model}" if args.model else "") + sparse_label(args, total) + (f", budget by {args.deadline:.0%}" if args.deadline else "") + \
+    tag = sparse_label(args, total) + (f", budget by {args.deadline:.0%}" if args.deadline else "") + \
         (", paper rule" if paper else "") + (", stream" if stream else "") + \
         (", frozen at deadline" if args.budget_freeze == "deadline" else "") + \
         (f", {rank} rank" if rank else "") + (f", SSS on {structures}" if structures else "") + \
@@ -258,9 +258,10 @@ def row_naming(method: str, args, total: int) -> tuple[str, str]:
 
 
 def sparse_label(args, total: int) -> str:
-    """The rows' note on sparse epochs set by the command line (--from-dense, --epochs)."""
-    return (f", dense {args.from_dense} + sparse {total - args.from_dense}" if args.from_dense else
-            f", sparse {args.epochs}" if args.epochs else "")
+    """The rows' note on the model and the sparse epochs set by the command line (--model, --from-dense, --epochs)."""
+    return (f", {args.model}" if args.model else "") + \
+        (f", dense {args.from_dense} + sparse {total - args.from_dense}" if args.from_dense else
+         f", sparse {args.epochs}" if args.epochs else "")
 
 
 def main():
@@ -295,7 +296,8 @@ def main():
                                                       "', penalty P'")
     parser.add_argument("--budget-rank", choices=("cost", "magnitude", "normalized"),
                         help="the exact rule's weighting (recipes: magnitude, except slimming's and ε-ResNet's, which "
-                             "have none); rows whose protocol ranks by magnitude carry ', magnitude rank' (normalized: ', normalized rank')")
+                             "have none); rows whose protocol ranks by magnitude carry ', magnitude rank' "
+                             "(normalized: ', normalized rank')")
     parser.add_argument("--budget-freeze", choices=("target", "deadline"),
                         help="freeze the dead set once the target is met (recipes) or only at the deadline; "
                              "deadline rows carry ', frozen at deadline'")
@@ -330,8 +332,7 @@ def main():
                               partial(scratch_row, method, reduction, b, where, tag)) for b in "EB"]
             for name in filter(None, args.torch_pruning.split(",")):  # at the SSS recipe's epochs and retraining
                 # named as the dense protocol: without the stream, rank and structures of a method's recipe
-                sparse_epochs = (f", {args.model}" if args.model else "") + sparse_label(args, total)
-                tp_suffix = row_naming("none", args, total)[0]
+                sparse_epochs, tp_suffix = sparse_label(args, total), row_naming("none", args, total)[0]
                 jobs.append((f"torch-pruning {name}", reduction, retraining("sss") + sparse_epochs,
                              partial(torch_pruning_row, name, reduction, out / f"tp-{name}-{reduction}{tp_suffix}",
                                      sparse_epochs)))

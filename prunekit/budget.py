@@ -280,9 +280,9 @@ class BudgetController(Callback):
     @torch.no_grad()
     def freeze(self, trainer) -> None:
         """Choose the dead set that meets the target, zero it, and stop the penalty. `exact` ranks every
-        structure by |factor| / cost weight (`rank` magnitude: by |factor|; normalized: by |factor| / its layer's mean); `paper` keeps what the paper's rule
-        killed (factor 0, or a binary gate off) and, if the target is not met yet, adds structures by ascending
-        |factor|.
+        structure by |factor| / cost weight (`rank` magnitude: by |factor|; normalized: by |factor| / its layer's
+        mean); `paper` keeps what the paper's rule killed (factor 0, or a binary gate off) and, if the target is not
+        met yet, adds structures by ascending |factor|.
 
         The factors are read from the device once. The cost of removing a ranked prefix only falls as
         the prefix grows, so the shortest prefix that meets the target is found by bisection; if its
@@ -309,13 +309,13 @@ class BudgetController(Callback):
 
             ranked = sorted((c for c in structures if not removed_by_paper(c)), key=score)
         else:
-            weights = self._weights(model)
             if self.rank == "normalized":  # each layer's mean |factor| (0: the layer is dead already, score 0)
-                totals: dict = {}
+                layers: dict = {}
                 for c in structures:
-                    total, count = totals.get(c[1], (0.0, 0))
-                    totals[c[1]] = (total + abs(value(c)), count + 1)
-                weights = {key: total / count or 1.0 for key, (total, count) in totals.items()}
+                    layers.setdefault(c[1], []).append(abs(value(c)))
+                weights = {key: sum(factors) / len(factors) or 1.0 for key, factors in layers.items()}
+            else:
+                weights = self._weights(model)
 
             def score(c):
                 return abs(value(c)) / weights[c[1]]

@@ -285,7 +285,8 @@ def test_normalized_rank_refuses_sss_blocks_and_the_paper_rule():
     ("binary-gate", 3, {"stream_channels": True, "round_to": 4}), ("sss", 2, {"budget_freeze": "deadline"}),
     ("binary-gate", 3, {"stream_channels": True, "budget_rank": "magnitude"}),
     ("ista-bn", 3, {"stream_channels": True, "budget_rank": "magnitude"}),
-    ("sss", 3, {"sss_structures": "channels", "budget_rank": "magnitude"})])
+    ("sss", 3, {"sss_structures": "channels", "budget_rank": "magnitude"}),
+    ("binary-gate", 3, {"stream_channels": True, "budget_rank": "normalized"})])
 def test_budgeted_run_resumed_before_or_after_its_freeze_ends_with_identical_weights(tmp_path, method, stop_at,
                                                                                     options):
     """The optimizer groups' budget weights and the freeze's masks and floors come back from the

@@ -172,7 +172,8 @@ def test_no_tensor_is_created_off_the_model_device(tmp_path, method):
                                              ("sss", {"stream_channels": True, "round_to": 4}),
                                              ("binary-gate", {"stream_channels": True, "budget_rank": "magnitude"}),
                                              ("ista-bn", {"stream_channels": True, "budget_rank": "magnitude"}),
-                                             ("sss", {"sss_structures": "channels", "budget_rank": "magnitude"})])
+                                             ("sss", {"sss_structures": "channels", "budget_rank": "magnitude"}),
+                                             ("ista-bn", {"stream_channels": True, "budget_rank": "normalized"})])
 def test_budgeted_stream_or_rounded_training_stays_on_the_device(tmp_path, method, options):
     """A budget with stream channels or rounded widths, frozen in its first epoch, under "meta" as the
     default device; once frozen, an epoch waits for the device no more than an unbudgeted one."""
